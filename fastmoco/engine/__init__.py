@@ -1,0 +1,3 @@
+from .trainer import Interrupted, Trainer, lr_at, train
+
+__all__ = ["Interrupted", "Trainer", "lr_at", "train"]

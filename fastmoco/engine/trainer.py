@@ -1,0 +1,431 @@
+"""The MoCo training loop: one process per device, torch.distributed across them.
+
+A step (MoCo paper, Algorithm 1): two views -> loss = InfoNCE(f_q(x_q), f_k(x_k), queue)
+-> backward -> SGD step -> momentum update of f_k -> enqueue the global batch's keys.
+The step never syncs with the host: the queue pointer stays on the device and the loss is
+summed on the device and read every `log_every` steps.
+"""
+
+import math
+import os
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from fastmoco.config import TrainConfig
+from fastmoco.data import build_eval_loader, build_two_view_loader, demo_dataset, scan_image_folder
+from fastmoco.errors import UsageError
+from fastmoco.eval.knn import knn_accuracy
+from fastmoco.models import ARCHS, MoCo
+from fastmoco.ops.distributed import world
+
+from . import checkpoint as ckpt
+from .distributed import launch, local_device, resolve_device
+from .metrics import MetricsLog, plot_curves
+
+RUNS_ROOT = "runs"
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum: int, path: Path):
+        super().__init__(f"stopped by signal {signum}; checkpoint saved to {path}")
+        self.signum, self.path = signum, path
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """lr = base_lr * batch/256, with linear warm-up, then cosine (v2) or x0.1 steps (v1)."""
+    base = cfg.lr * cfg.batch_size / 256
+    e = step / steps_per_epoch
+    if e < cfg.warmup_epochs:
+        return base * (e + 1 / steps_per_epoch) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+        return base * 0.5 * (1 + math.cos(math.pi * (e - cfg.warmup_epochs) / span))
+    return base * 0.1 ** sum(e >= s for s in cfg.lr_steps)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Errors a user can fix, raised before any process or file is made."""
+    if cfg.arch not in ARCHS:
+        raise UsageError(f"--arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
+    if cfg.recipe not in ("v1", "v2"):
+        raise UsageError(f"--recipe {cfg.recipe!r}: choose v1 or v2")
+    if cfg.schedule not in ("cosine", "step"):
+        raise UsageError(f"--schedule {cfg.schedule!r}: choose cosine or step")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be at least 1")
+    if cfg.queue_size <= cfg.batch_size:
+        raise UsageError(
+            f"--queue-size {cfg.queue_size} must be larger than --batch-size {cfg.batch_size} "
+            "(the queue holds the keys of many past batches); raise --queue-size"
+        )
+    if cfg.batch_size % cfg.gpus:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is global and must divide evenly over --gpus {cfg.gpus}"
+        )
+    per_rank = cfg.batch_size // cfg.gpus
+    if cfg.bn_splits > 1 and per_rank % cfg.bn_splits:
+        raise UsageError(
+            f"--bn-splits {cfg.bn_splits} must divide the per-device batch {per_rank}"
+        )
+    if not (0.0 <= cfg.moco_m <= 1.0) or cfg.temperature <= 0:
+        raise UsageError("--moco-m must lie in [0, 1] and --temperature must be positive")
+    if cfg.amp and cfg.amp_dtype not in ("bf16", "fp16"):
+        raise UsageError(f"--amp-dtype {cfg.amp_dtype!r}: choose bf16 or fp16")
+
+
+def data_roots(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """(train root, val root or None). Without --data, the embedded demo set (made once)."""
+    if cfg.data is None:
+        root = demo_dataset(seed=cfg.demo_seed, progress=cfg.progress)
+        return root / "train", root / "val"
+    root = Path(cfg.data)
+    if (root / "train").is_dir():
+        val = root / "val"
+        return root / "train", val if val.is_dir() else None
+    return root, None
+
+
+def train(cfg: TrainConfig, *, on_step=None) -> dict:
+    """Check the config and data, then train on every rank; returns rank 0's results.
+
+    on_step(global_step) is called after each step (tests use it to send a signal).
+    """
+    device = resolve_device(cfg.device, cfg.gpus)
+    check_config(cfg)
+    if cfg.amp and cfg.amp_dtype == "fp16" and device != "cuda":
+        raise UsageError("--amp-dtype fp16 needs CUDA (GradScaler); use bf16 on the CPU")
+    train_root, val_root = data_roots(cfg)
+    samples, _ = scan_image_folder(train_root)  # fails early on a missing/empty dir
+    if cfg.batch_size > len(samples):
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is larger than the dataset ({len(samples)} images "
+            f"under {train_root}); lower --batch-size"
+        )
+    resume_path = None
+    if cfg.resume:
+        resume_path = ckpt.resolve_resume(cfg.resume, cfg.out, RUNS_ROOT, cfg.preset)
+    if cfg.out is not None:
+        out = Path(cfg.out)
+    elif resume_path is not None:
+        out = resume_path.parent
+    else:
+        out = Path(RUNS_ROOT) / f"{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.pt").unlink(missing_ok=True)
+    args = (cfg, str(train_root), str(val_root) if val_root else None, str(out), resume_path)
+    launch(_train_rank, (*args, on_step), nprocs=cfg.gpus, device=device)
+    results = torch.load(out / "results.pt", weights_only=False)
+    if results.get("interrupted"):
+        raise Interrupted(results["interrupted"], out / ckpt.CHECKPOINT_NAME)
+    return results
+
+
+def _train_rank(cfg, train_root, val_root, out, resume_path, on_step):
+    Trainer(cfg, train_root, val_root, Path(out), resume_path, on_step).fit()
+
+
+class Trainer:
+    def __init__(self, cfg, train_root, val_root, out, resume_path=None, on_step=None):
+        self.cfg, self.out, self.on_step = cfg, out, on_step
+        self.rank, self.world_size = world()
+        self.is_main = self.rank == 0
+        self.device = local_device(resolve_device(cfg.device, 1))
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+        self.loader = build_two_view_loader(
+            train_root,
+            recipe=cfg.recipe,
+            crop_size=cfg.crop_size,
+            crop_scale=cfg.crop_scale,
+            batch_size=cfg.batch_size // self.world_size,
+            workers=cfg.workers,
+            seed=cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            skip_bad_images=cfg.skip_bad_images,
+            mean=cfg.mean,
+            std=cfg.std,
+        )
+        self.steps_per_epoch = len(self.loader)
+        self.knn_loaders = None
+        if val_root and self.is_main and cfg.knn_every > 0:
+            ev = dict(
+                crop_size=cfg.crop_size,
+                batch_size=256,
+                workers=cfg.workers,
+                mean=cfg.mean,
+                std=cfg.std,
+            )
+            if cfg.crop_size < 64:  # small images: no resize margin, as in the CIFAR demo
+                ev["resize_size"] = cfg.crop_size
+            self.knn_loaders = (build_eval_loader(train_root, **ev), build_eval_loader(val_root, **ev))
+            self.num_classes = len(scan_image_folder(train_root)[1])
+
+        self.model = MoCo(
+            cfg.arch,
+            dim=cfg.dim,
+            K=cfg.queue_size,
+            m=cfg.moco_m,
+            T=cfg.temperature,
+            mlp_hidden=cfg.mlp_hidden,
+            small_images=cfg.small_images,
+            shuffle_bn=cfg.shuffle_bn,
+            bn_splits=cfg.bn_splits,
+            seed=cfg.seed,
+        ).to_device(self.device)
+        self.model.to(memory_format=self.mf)
+        self.optimizer = torch.optim.SGD(
+            self.model.encoder_q.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
+        fp16 = cfg.amp and cfg.amp_dtype == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.amp_dtype = torch.float16 if fp16 else torch.bfloat16
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model.encoder_q = DDP(self.model.encoder_q, device_ids=ids)
+
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history, self.knn_random, self.bad_images = [], None, 0
+        if resume_path is not None:
+            self.load(resume_path)
+        self.log = MetricsLog(out, enabled=self.is_main)
+        self._stop_signal = None
+
+    # --- checkpoints -------------------------------------------------------------------
+    def state(self) -> dict:
+        m = self.model
+        return {
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "encoder_q": m.query_encoder().state_dict(),
+            "encoder_k": m.encoder_k.state_dict(),
+            "queue": m.queue,
+            "queue_ptr": m.queue_ptr,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_states(m.shuffle_gen),
+            "history": self.history,
+            "knn_random": self.knn_random,
+            "bad_images": self.bad_images,
+        }
+
+    def save(self) -> Path:
+        path = self.out / ckpt.CHECKPOINT_NAME
+        if self.is_main:
+            ckpt.save_atomic(self.state(), path)
+        return path
+
+    def load(self, path: Path) -> None:
+        s = ckpt.load_checkpoint(path)
+        m = self.model
+        m.query_encoder().load_state_dict(s["encoder_q"])
+        m.encoder_k.load_state_dict(s["encoder_k"])
+        m.queue.copy_(s["queue"])
+        m.queue_ptr.copy_(s["queue_ptr"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scaler.load_state_dict(s["scaler"])
+        ckpt.set_rng_states(s["rng"], m.shuffle_gen)
+        self.epoch, self.step_in_epoch = s["epoch"], s["step_in_epoch"]
+        self.global_step = s["global_step"]
+        self.history, self.knn_random = s["history"], s["knn_random"]
+        self.bad_images = s["bad_images"]
+
+    # --- evaluation --------------------------------------------------------------------
+    def knn(self) -> float | None:
+        """kNN top-1 (%) of the query backbone on rank 0; other ranks wait at the barrier."""
+        top1 = None
+        if self.knn_loaders is not None:
+            top1 = knn_accuracy(
+                self.model.query_encoder().backbone,
+                *self.knn_loaders,
+                self.device,
+                num_classes=self.num_classes,
+                k=self.cfg.knn_k,
+                t=self.cfg.knn_t,
+                channels_last=self.cfg.channels_last,
+                progress=self.cfg.progress,
+            )
+        if self.world_size > 1:
+            dist.barrier()
+        return top1
+
+    # --- the loop ----------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def _should_stop(self) -> int | None:
+        """The signal seen by any rank; all ranks agree, so they stop at the same step."""
+        if self.world_size == 1:
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MoCo step; returns (loss, top-1 hits) as device tensors, never read here."""
+        lr = lr_at(self.cfg, self.global_step, self.steps_per_epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
+            loss, k, rank = self.model(im_q, im_k)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.momentum_update_key_encoder()
+        self.model.dequeue_and_enqueue(k)
+        return loss.detach(), (rank == 0).sum()
+
+    def train_epoch(self) -> float:
+        cfg, dev = self.cfg, self.device
+        self.model.train()
+        self.loader.set_epoch(self.epoch, self.step_in_epoch)
+        loss_sum = torch.zeros((), device=dev)
+        hits = torch.zeros((), device=dev, dtype=torch.long)
+        win_loss, win_steps, win_t0 = torch.zeros((), device=dev), 0, time.perf_counter()
+        steps_done = 0
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not (self.is_main and cfg.progress),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for im_q, im_k, _, n_bad in self.loader:
+            im_q = im_q.to(dev, non_blocking=True, memory_format=self.mf)
+            im_k = im_k.to(dev, non_blocking=True, memory_format=self.mf)
+            loss, h = self.step(im_q, im_k)
+            self.bad_images += int(n_bad)  # a CPU tensor from the loader: no device sync
+            loss_sum += loss
+            win_loss += loss
+            hits += h
+            steps_done += 1
+            win_steps += 1
+            self.step_in_epoch += 1
+            self.global_step += 1
+            bar.update(1)
+            if self.on_step is not None:
+                self.on_step(self.global_step)
+            if win_steps == cfg.log_every or self.step_in_epoch == self.steps_per_epoch:
+                wl = win_loss.item() / win_steps  # the one host sync, every log_every steps
+                ips = win_steps * cfg.batch_size / (time.perf_counter() - win_t0)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{wl:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+                self.log.log("step", self.global_step, loss=wl, lr=lr, images_per_s=ips)
+                win_loss.zero_()
+                win_steps, win_t0 = 0, time.perf_counter()
+            # across ranks the agreement costs a collective: only at log boundaries
+            at_boundary = self.world_size == 1 or win_steps == 0
+            if at_boundary and self._should_stop():
+                bar.close()
+                raise _StopRequested()
+        bar.close()
+        n = max(steps_done, 1)
+        self.last_top1_train = 100.0 * hits.item() / (n * cfg.batch_size // self.world_size)
+        return loss_sum.item() / n
+
+    def fit(self) -> dict:
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        try:
+            return self._fit()
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            self.log.close()
+
+    def _fit(self) -> dict:
+        cfg = self.cfg
+        if self.is_main:
+            n = self.world_size
+            print(
+                f"fastmoco: {cfg.preset} {cfg.arch} on {n} x {self.device.type}, "
+                f"batch {cfg.batch_size}, K={cfg.queue_size}, {self.steps_per_epoch} steps/epoch, "
+                f"out {self.out}",
+                flush=True,
+            )
+        if self.knn_random is None and self.global_step == 0:
+            self.knn_random = self.knn()
+            if self.is_main and self.knn_random is not None:
+                print(f"kNN top-1 at random init: {self.knn_random:.2f}%", flush=True)
+        t_start = time.perf_counter()
+        try:
+            while self.epoch < cfg.epochs:
+                t0 = time.perf_counter()
+                loss = self.train_epoch()
+                top1 = None
+                last = self.epoch + 1 == cfg.epochs
+                if cfg.knn_every > 0 and ((self.epoch + 1) % cfg.knn_every == 0 or last):
+                    top1 = self.knn()
+                rec = dict(
+                    epoch=self.epoch,
+                    loss=loss,
+                    train_top1=self.last_top1_train,
+                    knn_top1=top1,
+                    seconds=time.perf_counter() - t0,
+                )
+                self.history.append(rec)
+                self.log.log("epoch", self.global_step, **{k: v for k, v in rec.items() if v is not None})
+                if self.is_main:
+                    knn_s = f", kNN top-1 {top1:.2f}%" if top1 is not None else ""
+                    print(
+                        f"epoch {self.epoch + 1}/{cfg.epochs}: loss {loss:.4f}{knn_s} "
+                        f"({rec['seconds']:.1f} s)",
+                        flush=True,
+                    )
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.save()
+        except _StopRequested:
+            path = self.save()
+            if self.is_main:
+                print(f"\ninterrupted: checkpoint saved to {path}", flush=True)
+                torch.save({"interrupted": self._stop_signal or signal.SIGTERM}, self.out / "results.pt")
+            return {}
+        results = {
+            "out": str(self.out),
+            "knn_random": self.knn_random,
+            "knn_final": next(
+                (h["knn_top1"] for h in reversed(self.history) if h["knn_top1"] is not None), None
+            ),
+            "history": self.history,
+            "seconds": time.perf_counter() - t_start,
+            "bad_images": self.bad_images,
+        }
+        if self.is_main:
+            plot_curves(self.history, self.knn_random, self.out / "curves.png", f"fastmoco {cfg.preset}")
+            torch.save(results, self.out / "results.pt")
+            if cfg.skip_bad_images and self.bad_images:
+                print(f"skipped {self.bad_images} unreadable image reads", flush=True)
+            if results["knn_final"] is not None:
+                print(
+                    f"kNN top-1 on the val split: trained {results['knn_final']:.2f}% "
+                    f"vs random init {self.knn_random:.2f}% (k={cfg.knn_k}, t={cfg.knn_t})",
+                    flush=True,
+                )
+            print(f"run written to {self.out} (checkpoint.pt, metrics.jsonl, tb/, curves.png)")
+        return results
+
+
+class _StopRequested(Exception):
+    pass

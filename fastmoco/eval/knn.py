@@ -1,0 +1,77 @@
+"""Weighted kNN monitor (Wu et al. 2018, InstDisc), as used by MoCo's CIFAR demo.
+
+Features are L2-normalised backbone outputs. Each val sample's k nearest train samples by
+cosine similarity vote for their class with weight exp(sim / t); the top vote is the
+prediction. k=200, t=0.1 are the InstDisc values.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, loader, device, *, channels_last=False, progress=False, desc="features"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features N x D unit rows, labels N) with the backbone in eval mode (restored after)."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x, y = batch[0], batch[1]
+        x = x.to(device, non_blocking=True, memory_format=mf)
+        feats.append(F.normalize(backbone(x).float(), dim=1))
+        labels.append(y.to(device))
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    t: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Predicted class per query row (unit features); chunked so memory is chunk x len(bank)."""
+    k = min(k, bank.shape[0])
+    preds = []
+    for qc in query.split(chunk):
+        sim = qc @ bank.T  # chunk x M
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(qc.shape[0], num_classes, device=qc.device, dtype=sim.dtype)
+        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / t).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+@torch.no_grad()
+def knn_accuracy(
+    backbone: nn.Module,
+    train_loader,
+    val_loader,
+    device,
+    *,
+    num_classes: int,
+    k: int = 200,
+    t: float = 0.1,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> float:
+    """Top-1 accuracy in percent of the weighted kNN classifier on the val split."""
+    bank, bank_labels = extract_features(
+        backbone, train_loader, device, channels_last=channels_last, progress=progress,
+        desc="kNN bank",
+    )
+    query, labels = extract_features(
+        backbone, val_loader, device, channels_last=channels_last, progress=progress,
+        desc="kNN val",
+    )
+    pred = knn_predict(query, bank, bank_labels, num_classes, k, t)
+    return 100.0 * (pred == labels).float().mean().item()

@@ -1,0 +1,120 @@
+"""Backbones: torchvision ResNets (optionally with a small-image stem) and SplitBatchNorm.
+
+Every backbone is returned headless (its classifier replaced by Identity) together with its
+feature width, so the MoCo builder can put the paper's head on top.
+"""
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet-tiny")
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are taken over `num_splits` groups of the batch.
+
+    One device then behaves like `num_splits` GPUs, GPU g normalising the g-th contiguous
+    slice of the batch: what shuffle BN relies on (the official CIFAR demo simulates 8 GPUs
+    this way). Running statistics are the mean over the groups, so eval mode is an ordinary
+    BatchNorm.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.num_splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        N, C, H, W = x.shape
+        if N % s:
+            raise ValueError(
+                f"SplitBatchNorm2d: batch {N} is not divisible by num_splits={s}; "
+                "choose a batch size that is a multiple of --bn-splits"
+            )
+        mean_s = self.running_mean.repeat(s)
+        var_s = self.running_var.repeat(s)
+        # (N, C, H, W) -> (N/s, s*C, H, W), channel block g = batch slice g; one batch_norm
+        # call then normalises every slice on its own.
+        grouped = x.reshape(s, N // s, C, H, W).transpose(0, 1).reshape(N // s, s * C, H, W)
+        y = F.batch_norm(
+            grouped,
+            mean_s,
+            var_s,
+            self.weight.repeat(s),
+            self.bias.repeat(s),
+            True,
+            self.momentum,
+            self.eps,
+        )
+        with torch.no_grad():
+            self.running_mean.copy_(mean_s.view(s, C).mean(0))
+            self.running_var.copy_(var_s.view(s, C).mean(0))
+            self.num_batches_tracked.add_(1)
+        y = y.reshape(N // s, s, C, H, W).transpose(0, 1).reshape(N, C, H, W)
+        return y.contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def norm_layer_for(bn_splits: int) -> Callable[[int], nn.Module]:
+    return nn.BatchNorm2d if bn_splits <= 1 else partial(SplitBatchNorm2d, num_splits=bn_splits)
+
+
+class TinyResNet(nn.Module):
+    """A narrow 4-stage ResNet (one BasicBlock per stage) for CPU demos at 32-64 px."""
+
+    def __init__(self, widths=(32, 64, 128, 256), norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = norm_layer(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or cin != w:
+                down = nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), norm_layer(w))
+            stages.append(BasicBlock(cin, w, stride, down, norm_layer=norm_layer))
+            cin = w
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = cin
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def build_backbone(
+    arch: str, *, small_images: bool = False, bn_splits: int = 1
+) -> tuple[nn.Module, int]:
+    """A headless backbone and its feature width.
+
+    small_images: the CIFAR variant of the MoCo demo (3x3 stride-1 stem, no max-pool) for
+    32-64 px inputs, where the ImageNet stem would shrink the image 4x before any block.
+    """
+    norm_layer = norm_layer_for(bn_splits)
+    if arch == "resnet-tiny":
+        net = TinyResNet(norm_layer=norm_layer)
+        return net, net.out_dim
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer)
+    if small_images:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim

@@ -1,0 +1,133 @@
+"""MoCo v1/v2 (He et al. 2019; Chen et al. 2020), shaped like the paper's Algorithm 1.
+
+    f_k.params = f_q.params                      # __init__
+    for x in loader:
+        x_q, x_k = aug(x), aug(x)
+        q = f_q.forward(x_q)                     # forward(): queries, NxC
+        k = f_k.forward(x_k).detach()            # _keys(): shuffle BN, keys, NxC
+        loss = InfoNCE(q, k, queue, T)           # fastmoco.ops.info_nce, logits never built
+        loss.backward(); update(f_q.params)      # the trainer
+        f_k.params = m*f_k.params + (1-m)*f_q.params   # momentum_update_key_encoder()
+        enqueue(queue, k); dequeue(queue)        # dequeue_and_enqueue()
+
+The momentum update runs after the optimizer step rather than before the next key forward:
+the same sequence of updates, since at step 0 both encoders are equal. The queue is a plain
+buffer of this module, not of the DDP-wrapped encoder, so DDP never re-broadcasts it.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmoco.ops import enqueue_, info_nce, momentum_update_
+from fastmoco.ops.distributed import all_gather_cat, world
+
+from .backbones import build_backbone
+
+
+def projection_head(in_dim: int, dim: int, mlp_hidden: int) -> nn.Module:
+    """v1: one fc layer to `dim`; v2 (mlp_hidden > 0): fc-ReLU-fc, no BN (MoCo v2, Sec. 2)."""
+    if mlp_hidden <= 0:
+        return nn.Linear(in_dim, dim)
+    return nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.ReLU(inplace=True), nn.Linear(mlp_hidden, dim))
+
+
+class Encoder(nn.Module):
+    """backbone -> projection head; `features()` gives the backbone output (kNN, linear eval)."""
+
+    def __init__(self, arch, *, dim, mlp_hidden, small_images, bn_splits):
+        super().__init__()
+        self.backbone, feat_dim = build_backbone(
+            arch, small_images=small_images, bn_splits=bn_splits
+        )
+        self.head = projection_head(feat_dim, dim, mlp_hidden)
+
+    def features(self, x):
+        return self.backbone(x)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class MoCo(nn.Module):
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        *,
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.07,
+        mlp_hidden: int = 0,
+        small_images: bool = False,
+        shuffle_bn: bool = True,
+        bn_splits: int = 1,
+        seed: int = 0,
+    ):
+        """dim: feature dimension C; K: queue size; m: key-encoder momentum; T: temperature;
+        mlp_hidden: 0 for v1's fc head, 2048 for v2's MLP head; bn_splits: BN groups per
+        device, so shuffle BN is faithful on one device (8 simulates 8 GPUs)."""
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.shuffle_bn = shuffle_bn
+        enc = dict(dim=dim, mlp_hidden=mlp_hidden, small_images=small_images, bn_splits=bn_splits)
+        self.encoder_q = Encoder(arch, **enc)
+        self.encoder_k = Encoder(arch, **enc)
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        self.encoder_k.requires_grad_(False)
+
+        # queue: K x C of unit keys (the paper's C x K, transposed so that rows are keys)
+        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # Seeded identically on every rank, so all ranks draw the same shuffle permutation
+        # without the broadcast the official code does; moved with the model in to_device().
+        self.shuffle_gen = torch.Generator().manual_seed(seed)
+
+    def query_encoder(self) -> nn.Module:
+        """encoder_q without a DDP wrapper, for the momentum update, kNN and checkpoints."""
+        return getattr(self.encoder_q, "module", self.encoder_q)
+
+    def to_device(self, device: torch.device) -> "MoCo":
+        self.to(device)
+        if self.shuffle_gen.device != device:
+            state = self.shuffle_gen.initial_seed()
+            self.shuffle_gen = torch.Generator(device=device).manual_seed(state)
+        return self
+
+    @torch.no_grad()
+    def momentum_update_key_encoder(self, m: float | torch.Tensor | None = None) -> None:
+        momentum_update_(self.encoder_k, self.query_encoder(), self.m if m is None else m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, k: torch.Tensor) -> None:
+        """Every rank enqueues the keys of the whole global batch, so queues stay identical."""
+        enqueue_(self.queue, self.queue_ptr, all_gather_cat(k))
+
+    @torch.no_grad()
+    def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Shuffle BN: encode the key images in a random order across all devices' BN groups.
+
+        The permutation is over the global batch (gather, permute, take this rank's slice),
+        so no BN group sees the same samples as the query encoder's groups and the model
+        cannot cheat through batch statistics (MoCo Sec. 3.3).
+        """
+        if not self.shuffle_bn:
+            return F.normalize(self.encoder_k(im_k).float(), dim=1)
+        rank, world_size = world()
+        B = im_k.shape[0]
+        x_all = all_gather_cat(im_k)
+        perm = torch.randperm(x_all.shape[0], device=im_k.device, generator=self.shuffle_gen)
+        mine = perm.view(world_size, B)[rank]
+        k_mine = F.normalize(self.encoder_k(x_all[mine]).float(), dim=1)
+        k_all = all_gather_cat(k_mine)  # k_all[j] is the key of sample perm[j]
+        unshuffle = torch.argsort(perm)
+        return k_all[unshuffle].view(world_size, B, -1)[rank]
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
+        """Returns (loss, k, rank): the InfoNCE loss, this rank's unit keys (N x C, fp32, to
+        enqueue after the optimizer step), and the positive's rank among the negatives
+        (rank == 0 is a top-1 hit) without materialising the N x (1+K) logits."""
+        q = self.encoder_q(im_q)  # queries: N x C
+        k = self._keys(im_k)  # keys: N x C
+        loss, rank = info_nce(q, k, self.queue, self.T, return_stats=True)
+        return loss, k, rank

@@ -1,0 +1,31 @@
+"""Collectives the MoCo step needs, as no-op passthroughs when not distributed.
+
+Neither is differentiable: both are used on keys and key images, which never need a
+gradient (the key encoder is updated by momentum, not by backprop).
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size), (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from every rank along dim 0, rank order, into one buffer.
+
+    Every rank must pass the same shape (the trainer's loader drops the last partial batch
+    for that reason).
+    """
+    _, world_size = world()
+    if world_size == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty((world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x)
+    return out

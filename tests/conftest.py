@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny ImageFolder trees drawn on the fly (fast, no demo generation)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+torch.set_num_threads(2)
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 24, seed=0):
+    """A class-separable set: class c draws c+1 bars, on a noisy background."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            bg = rng.integers(0, 80, size=(size, size, 3), dtype=np.uint8)
+            img = Image.fromarray(bg)
+            draw = ImageDraw.Draw(img)
+            for b in range(c + 1):
+                x = 2 + b * (size // (classes + 1))
+                draw.rectangle([x, 3, x + 2, size - 4], fill=(230, 230, 230))
+            img.save(d / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """DIR with train/ (3 x 12 images) and val/ (3 x 4 images)."""
+    write_image_folder(tmp_path / "data" / "train", per_class=12, seed=0)
+    write_image_folder(tmp_path / "data" / "val", per_class=4, seed=1)
+    return tmp_path / "data"

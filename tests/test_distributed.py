@@ -1,0 +1,62 @@
+"""Two gloo ranks on the CPU against one process on the same global batch."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastmoco.engine.distributed import launch
+from fastmoco.models import MoCo
+from fastmoco.ops.distributed import world
+
+GLOBAL_BATCH, STEPS = 8, 3
+
+
+def run_moco_steps(out_dir: str, shuffle_bn: bool) -> None:
+    """A few MoCo steps; rank r takes the r-th contiguous slice of each global batch."""
+    rank, world_size = world()
+    torch.manual_seed(0)
+    # one process with 2 BN groups sees what 2 ranks with 1 group each see
+    model = MoCo("resnet-tiny", dim=16, K=40, m=0.9, T=0.2, mlp_hidden=32, small_images=True,
+                 shuffle_bn=shuffle_bn, bn_splits=2 // world_size, seed=7)
+    g = torch.Generator().manual_seed(123)
+    x1 = torch.randn(STEPS, GLOBAL_BATCH, 3, 16, 16, generator=g)
+    x2 = torch.randn(STEPS, GLOBAL_BATCH, 3, 16, 16, generator=g)
+    B = GLOBAL_BATCH // world_size
+    if world_size > 1:
+        model.encoder_q = DDP(model.encoder_q)
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for s in range(STEPS):
+        loss, k, _ = model(x1[s, rank * B:(rank + 1) * B], x2[s, rank * B:(rank + 1) * B])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.momentum_update_key_encoder()
+        model.dequeue_and_enqueue(k)
+        global_loss = loss.detach().clone()
+        if world_size > 1:
+            dist.all_reduce(global_loss)
+            global_loss /= world_size
+        losses.append(global_loss)
+    torch.save(
+        {"queue": model.queue, "ptr": model.queue_ptr, "losses": torch.stack(losses),
+         "encoder_k": model.encoder_k.state_dict()},
+        f"{out_dir}/w{world_size}_r{rank}.pt",
+    )
+
+
+@pytest.mark.parametrize("shuffle_bn", [False, True])
+def test_two_ranks_match_one_process(tmp_path, shuffle_bn):
+    launch(run_moco_steps, (str(tmp_path), shuffle_bn), nprocs=2, device="cpu")
+    r0 = torch.load(tmp_path / "w2_r0.pt")
+    r1 = torch.load(tmp_path / "w2_r1.pt")
+    assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["ptr"], r1["ptr"])
+    assert int(r0["ptr"]) == (STEPS * GLOBAL_BATCH) % 40
+    for name, t in r0["encoder_k"].items():
+        assert torch.equal(t, r1["encoder_k"][name]), name
+    # one process with 2 BN groups draws the same permutation and forms the same key groups
+    run_moco_steps(str(tmp_path), shuffle_bn)
+    one = torch.load(tmp_path / "w1_r0.pt")
+    torch.testing.assert_close(r0["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r0["queue"], one["queue"], rtol=1e-4, atol=1e-5)
