@@ -1,0 +1,149 @@
+"""ImageFolder reading with reproducible augmentation and clear errors for bad data.
+
+Layout: root/<class>/<image>, files possibly nested below the class directory (as in
+torchvision's ImageFolder). Classes are the sorted subdirectory names; their position is the
+label.
+
+Reproducibility: each augmented sample is a pure function of (seed, epoch, index). The CPU
+random generator is forked and seeded from that triple around the transform, so the views
+do not depend on the number of loader workers, on which worker loads which item, or on
+what ran before; a run resumed mid-epoch sees exactly the views the uninterrupted run saw.
+"""
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastmoco.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Consecutive unreadable files tolerated under skip_bad_images before giving up: a long run
+# of them means a broken dataset, not a few bad files.
+MAX_BAD_IN_A_ROW = 64
+# What PIL raises on a corrupt, truncated, unsupported or vanished file.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def scan_image_folder(root) -> tuple[list[tuple[str, int]], list[str]]:
+    """(samples [(path, class index)], classes) of an ImageFolder tree, sorted.
+
+    Hidden entries (names starting with ".") are skipped: editors, notebooks and macOS leave
+    ".ipynb_checkpoints" directories and "._x.jpg" resource forks that are not images.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data directory {root} does not exist: check the --data path")
+    if not root.is_dir():
+        raise DataError(
+            f"{root} is not a directory: --data must be an ImageFolder directory "
+            "laid out as root/<class>/<image>.jpg"
+        )
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+    if not classes:
+        raise DataError(
+            f"data directory {root} has no class subdirectories (it is empty or holds only "
+            "files): lay the images out as root/<class>/<image>.jpg"
+        )
+    samples = []
+    for label, name in enumerate(classes):
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = [d for d in dirnames if d[0] != "."]
+            files += [os.path.join(dirpath, f) for f in filenames if _is_image(f)]
+        if not files:
+            exts = "/".join(IMG_EXTENSIONS)
+            raise DataError(
+                f"class dir '{root / name}' has no images ({exts}): add images or remove "
+                "the directory"
+            )
+        samples += [(f, label) for f in sorted(files)]
+    return samples, classes
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode the whole file now (PIL is lazy) so that corruption shows up here."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed mixed from the triple (SeedSequence hashes it, so nearby triples give
+    unrelated streams, unlike seed + epoch + index would)."""
+    entropy = [v % 2**64 for v in (seed, epoch, index)]  # SeedSequence wants v >= 0
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """ImageFolder whose item i is (transform(image), class index, n_bad).
+
+    n_bad is the number of unreadable files met while producing the item: 0 normally; with
+    skip_bad_images, a bad file is replaced by the next readable one ((i + 1) % len, ...) so a
+    batch keeps its shape, and the trainer sums n_bad to report how many were skipped.
+
+    An index may be an int (using the epoch of set_epoch) or an (epoch, index) pair: the
+    loader sends pairs because persistent workers hold their own copy of the dataset and
+    never see a set_epoch made in the main process.
+    """
+
+    def __init__(
+        self,
+        root,
+        transform: Callable[[Image.Image], object],
+        skip_bad_images: bool = False,
+        seed: int = 0,
+    ):
+        self.root = Path(root)
+        self.samples, self.classes = scan_image_folder(root)
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+        img, target, n_bad = self._read(index)
+        with torch.random.fork_rng(devices=[]):
+            s = sample_seed(self.seed, epoch, index)
+            torch.manual_seed(s)
+            py_state = random.getstate()  # for user transforms that use `random`
+            random.seed(s)
+            try:
+                sample = self.transform(img)
+            finally:
+                random.setstate(py_state)
+        return sample, target, n_bad
+
+    def _read(self, index: int) -> tuple[Image.Image, int, int]:
+        """(image, its class, bad files met): the item itself, or its readable successor."""
+        n = len(self.samples)
+        for n_bad in range(min(n, MAX_BAD_IN_A_ROW)):
+            path, target = self.samples[(index + n_bad) % n]
+            try:
+                return load_rgb(path), target, n_bad
+            except _READ_ERRORS as e:
+                if not self.skip_bad_images:
+                    raise DataError(
+                        f"cannot read image {path} ({type(e).__name__}: {e}): replace or "
+                        "delete the file, or pass --skip-bad-images to skip unreadable images"
+                    ) from e
+        first = self.samples[index][0]
+        raise DataError(
+            f"{min(n, MAX_BAD_IN_A_ROW)} unreadable images in a row from {first}: the dataset "
+            f"under {self.root} looks broken; check that its files are intact images"
+        )

@@ -1,0 +1,208 @@
+"""The loaders the trainer uses: two augmented views per image for training, plain for eval.
+
+build_two_view_loader is the one seam between the trainer and its input pipeline; a DALI
+pipeline can sit behind the same function and the same TwoViewLoader interface:
+set_epoch(epoch, start_step), len() = full batches per epoch per rank, and iteration
+yielding (view1, view2, target, n_bad).
+
+Order: each epoch shuffles all images with a generator seeded by seed + epoch (as
+DistributedSampler does), keeps the first world_size * B * (M // (world_size * B)) of them
+and deals them round-robin to the ranks, so every rank gets the same number of full
+batches and no image appears twice in an epoch.
+"""
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from fastmoco.data.augment import (
+    CROP_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    two_view_transform,
+)
+from fastmoco.data.folder import ImageFolderDataset
+from fastmoco.errors import DataError, UsageError
+
+
+class ShardedBatchSampler:
+    """Batches of (epoch, index) pairs for one rank; see the module docstring for the order.
+
+    set_epoch(epoch, start_step) makes the next pass start at batch start_step of that
+    epoch's order, without touching the skipped images: exact mid-epoch resume for free.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} outside 0..{world_size - 1}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if start_step < 0:
+            raise UsageError(f"start_step {start_step} must be >= 0")
+        self.epoch, self.start_step = epoch, start_step
+
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // (self.world_size * self.batch_size)
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's indices for the whole epoch, in order (start_step ignored)."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g)
+        used = self.batches_per_epoch() * self.batch_size * self.world_size
+        return order[:used][self.rank :: self.world_size].tolist()
+
+    def __len__(self) -> int:
+        return max(self.batches_per_epoch() - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        idx, B = self.epoch_indices(), self.batch_size
+        for step in range(self.start_step, self.batches_per_epoch()):
+            yield [(self.epoch, i) for i in idx[step * B : (step + 1) * B]]
+
+
+def collate_two_views(items):
+    """[((v1, v2), target, n_bad)] -> (V1 (B,3,H,W), V2, targets int64 (B,), n_bad int64 ())."""
+    views, targets, bad = zip(*items, strict=True)
+    v1, v2 = zip(*views, strict=True)
+    return (
+        torch.stack(v1),
+        torch.stack(v2),
+        torch.tensor(targets, dtype=torch.int64),
+        torch.tensor(sum(bad), dtype=torch.int64),
+    )
+
+
+def collate_eval(items):
+    """[(image, target, n_bad)] -> (images (B,3,H,W), targets int64 (B,))."""
+    images, targets, _ = zip(*items, strict=True)
+    return torch.stack(images), torch.tensor(targets, dtype=torch.int64)
+
+
+def _plain_data_error(e: DataError) -> DataError:
+    """A DataError raised in a loader worker comes back with the worker's traceback folded
+    into its message; keep only the original message, which is what the user needs."""
+    msg = str(e)
+    marker = "DataError: "
+    if "Original Traceback" in msg and marker in msg:
+        msg = msg[msg.rindex(marker) + len(marker) :].strip()
+    return DataError(msg)
+
+
+def _private_generator(seed: int) -> torch.Generator:
+    """DataLoader draws a worker base seed per iterator from this generator, by default the
+    global one: a draw per epoch would shift the trainer's random stream (shuffle BN, ...)
+    between a run and its resumed copy. The base seed is unused anyway (items seed
+    themselves)."""
+    return torch.Generator().manual_seed(seed)
+
+
+class TwoViewLoader:
+    """Training batches (view1, view2, target, n_bad) over an ImageFolder, for one rank."""
+
+    def __init__(
+        self,
+        dataset: ImageFolderDataset,
+        batch_size: int,
+        workers: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        pin_memory: bool,
+    ):
+        self.dataset = dataset
+        self.batch_sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.batch_sampler,
+            num_workers=workers,
+            collate_fn=collate_two_views,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
+            generator=_private_generator(seed),
+        )
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select epoch's order; the next pass starts at its batch start_step."""
+        self.dataset.set_epoch(epoch)
+        self.batch_sampler.set_epoch(epoch, start_step)
+
+    def __len__(self) -> int:
+        """Full batches per epoch per rank (whatever start_step is)."""
+        return self.batch_sampler.batches_per_epoch()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        try:
+            yield from self.loader
+        except DataError as e:
+            raise _plain_data_error(e) from None
+
+
+def build_two_view_loader(
+    root,
+    *,
+    recipe: str,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    skip_bad_images: bool = False,
+    pin_memory: bool | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_scale: tuple[float, float] = CROP_SCALE,
+) -> TwoViewLoader:
+    """MoCo training batches for rank `rank` of `world_size`; batch_size is per rank."""
+    transform = two_view_transform(recipe, crop_size, mean, std, crop_scale)
+    dataset = ImageFolderDataset(root, transform, skip_bad_images=skip_bad_images, seed=seed)
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be at least 1")
+    if batch_size * world_size > len(dataset):
+        per = f" x {world_size} ranks" if world_size > 1 else ""
+        raise DataError(
+            f"batch size {batch_size}{per} larger than the dataset ({len(dataset)} images "
+            f"under {root}): lower --batch-size"
+        )
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return TwoViewLoader(dataset, batch_size, workers, seed, rank, world_size, pin_memory)
+
+
+def build_eval_loader(
+    root,
+    *,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    resize_size: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """(images, targets) in file order, every image once; rank r gets images r, r + W, ...
+
+    No padding and no drop_last, so the kNN bank and queries are exactly the split (ranks may
+    differ by one image in count).
+    """
+    transform = eval_transform(crop_size, resize_size, mean, std)
+    dataset = ImageFolderDataset(root, transform)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=range(rank, len(dataset), world_size),
+        num_workers=workers,
+        collate_fn=collate_eval,
+        pin_memory=torch.cuda.is_available(),
+        generator=_private_generator(0),
+    )
