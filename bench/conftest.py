@@ -1,0 +1,134 @@
+"""Shared pieces of the benchmark suite: where it ran, and how much memory a call added.
+
+Peak extra memory, per device:
+  CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus what was
+        allocated before the call: the caching allocator's own count of live bytes.
+  CPU:  PyTorch has no allocator statistics for CPU tensors, and tracemalloc does not see
+        them (their memory comes from c10's allocator, not Python's). LiveStorageBytes
+        below counts them one level up: every storage that an aten op creates during the
+        call adds its bytes, and subtracts them when the storage is freed. Views and
+        in-place results add nothing. It does not see scratch memory that a kernel takes
+        internally (oneDNN/BLAS workspaces) or allocator caching, so it is a lower bound
+        of the process's growth; it is exactly the tensors the algorithm keeps alive,
+        which is what distinguishes a chunked loss from one that builds N x K logits.
+"""
+
+import platform
+import subprocess
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveStorageBytes(TorchDispatchMode):
+    """Peak bytes of storages created by aten ops while the mode is active (see above)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = tree_flatten((args, kwargs))[0]
+        seen = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, storage.nbytes())
+        return out
+
+
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    """Peak memory that one call of fn adds on top of what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with LiveStorageBytes() as tracker:
+        fn()
+    return tracker.peak
+
+
+_PEAKS: list[tuple[str, int]] = []  # (test id, peak extra bytes), printed at the end
+
+
+@pytest.fixture
+def measure_peak(request):
+    """peak_extra_bytes(fn, device) as a fixture (bench/ is not a package to import from);
+    every measurement also goes into the summary printed after the timing tables."""
+
+    def measure(fn, device):
+        peak = peak_extra_bytes(fn, device)
+        _PEAKS.append((request.node.name, peak))
+        return peak
+
+    return measure
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _PEAKS:
+        return
+    terminalreporter.section("peak extra memory per call (MiB)")
+    width = max(len(name) for name, _ in _PEAKS)
+    for name, peak in _PEAKS:
+        terminalreporter.write_line(f"{name:<{width}}  {peak / 2**20:10.3f}")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+@pytest.fixture(scope="session")
+def env_info() -> dict:
+    """Device and versions, copied into every benchmark's extra_info."""
+    info = {
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cuda": torch.version.cuda or "none",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "commit": _commit(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def pytest_report_header(config):
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU: CPU cases only"
+    return f"fastmoco bench: torch {torch.__version__}, triton {_triton_version()}, {gpu}"

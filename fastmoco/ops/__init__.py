@@ -1,0 +1,15 @@
+"""Public, differentiable, device-dispatching MoCo ops.
+
+    info_nce(q, k, queue, temperature)     fused normalize + logits + InfoNCE, fwd and bwd
+    momentum_update_(target, source, m)    key-encoder EMA over every tensor at once
+    enqueue_(queue, ptr, keys)             circular queue write, pointer stays on the device
+
+`fastmoco.ops.reference` holds the plain official formulas these are tested against.
+"""
+
+from . import reference
+from .enqueue import enqueue_
+from .info_nce import info_nce
+from .momentum_update import momentum_update_
+
+__all__ = ["enqueue_", "info_nce", "momentum_update_", "reference"]

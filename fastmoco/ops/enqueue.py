@@ -1,0 +1,91 @@
+"""MoCo's dequeue-and-enqueue as one in-place circular write with a device-resident pointer.
+
+    queue[(ptr + b) % K] = keys[b]   for b = 0..B-1,   then   ptr = (ptr + B) % K
+
+The official code reads `int(queue_ptr)` on the host every step (a device sync that also
+forbids CUDA-graph capture) and asserts K % B == 0. Here the row indices are computed on the
+device from ptr, so nothing is read back, and any 1 <= B <= K works: a batch that runs past
+the end of the queue wraps around to its start. B <= K keeps the indices distinct, so the
+write is well defined. keys are cast to the queue's dtype (an fp32 queue fed bf16 keys).
+The queue may be any (K, C) view, e.g. `buf.T` of the official (C, K) buffer.
+"""
+
+import torch
+
+_BACKENDS = ("torch",)
+
+
+def enqueue_(
+    queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """Write keys (B, C) into queue (K, C) at rows ptr, ptr+1, ... modulo K; advance ptr.
+
+    ptr: 1-element int64 tensor on the queue's device, updated in place to (ptr + B) % K.
+    backend: None picks per device; "torch" forces the index_copy_ path. Returns queue.
+    """
+    _check_inputs(queue, ptr, keys)
+    _select_backend(backend)
+    K, B = queue.shape[0], keys.shape[0]
+    with torch.no_grad():
+        rows = (ptr.reshape(()) + torch.arange(B, device=queue.device)) % K  # B rows, on device
+        queue.index_copy_(0, rows, keys.detach().to(queue.dtype))
+        ptr.add_(B).remainder_(K)
+    return queue
+
+
+def _select_backend(backend: str | None) -> str:
+    """The dispatch point: a C++/CUDA extension op (torch.ops.fastmoco.enqueue_) comes next."""
+    if backend is None:
+        return "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(
+            f"backend must be None (pick per device) or one of {_BACKENDS}, got {backend!r}"
+        )
+    return backend
+
+
+def _check_inputs(queue, ptr, keys) -> None:
+    for name, t in (("queue", queue), ("ptr", ptr), ("keys", keys)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if queue.dim() != 2:
+        raise ValueError(
+            f"queue must be 2-D (K, C), one key per row, got shape {tuple(queue.shape)}; "
+            "for the official (C, K) buffer pass buf.T"
+        )
+    if keys.dim() != 2:
+        raise ValueError(
+            f"keys must be 2-D (B, C), got shape {tuple(keys.shape)}; reshape it to (B, C)"
+        )
+    K, C = queue.shape
+    B = keys.shape[0]
+    if K == 0:
+        raise ValueError("queue has no rows (K = 0): allocate it as (K, C) with K >= 1")
+    if keys.shape[1] != C:
+        raise ValueError(
+            f"keys have C = {keys.shape[1]} columns but the queue has C = {C}: "
+            "keys must be (B, C) like the queue's rows"
+        )
+    if B > K:
+        raise ValueError(
+            f"keys has B = {B} rows but the queue holds only K = {K}: enqueue at most K keys "
+            "at a time (use a larger queue or a smaller batch)"
+        )
+    if ptr.dtype != torch.int64 or ptr.numel() != 1:
+        raise ValueError(
+            f"ptr must be a 1-element int64 tensor, got dtype {ptr.dtype} and shape "
+            f"{tuple(ptr.shape)}: use torch.zeros(1, dtype=torch.long, device=queue.device)"
+        )
+    if ptr.device != queue.device:
+        raise ValueError(
+            f"ptr is on {ptr.device} but the queue is on {queue.device}: keep ptr on the "
+            "queue's device (register it as a buffer next to the queue)"
+        )
+    if keys.device != queue.device:
+        raise ValueError(
+            f"keys are on {keys.device} but the queue is on {queue.device}: move them first"
+        )
+    if not (keys.is_floating_point() and queue.is_floating_point()):
+        raise ValueError(
+            f"queue and keys must be floating tensors, got {queue.dtype} and {keys.dtype}"
+        )

@@ -1,0 +1,98 @@
+"""The official formulas, written plainly: the test oracle and the benchmark baseline.
+
+Shaped like facebookresearch/moco's builder.py (paper symbols, shape comments, einsum).
+Nothing here is fast or memory-frugal on purpose: InfoNCE materialises the N x (1+K)
+logits, the momentum update is a Python loop over tensors, and enqueue reads the pointer
+back to the host. The fast ops in this package are tested against these functions.
+
+Symbols (MoCo, Algorithm 1): N batch, C feature dim, K queue length, T temperature,
+m momentum. Our queue is (K, C), one key per row; the official buffer is (C, K), pass `.T`.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32: what the fast op accumulates in."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def info_nce_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor | None = None,
+    temperature: float = 0.2,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """InfoNCE of queries q against their keys k and the negatives in `queue`.
+
+    queue given (MoCo v1/v2):  logits = [q.k+, q.queue_j] / T, label 0.
+    queue None (MoCo v3, SimCLR-style in-batch negatives): logits = q @ k.T / T, label i.
+    """
+    dtype = _accumulation_dtype(q, k, queue)
+    q, k = q.to(dtype), k.to(dtype)
+    if normalize:
+        q = F.normalize(q, dim=1)  # NxC
+        k = F.normalize(k, dim=1)  # NxC
+    N = q.shape[0]
+
+    if queue is None:
+        logits = torch.einsum("nc,mc->nm", q, k) / temperature  # logits: NxN
+        labels = torch.arange(N, device=q.device)
+    else:
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: Nx1
+        l_neg = torch.einsum("nc,kc->nk", q, queue.to(dtype))  # negative logits: NxK
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # logits: Nx(1+K)
+        labels = torch.zeros(N, dtype=torch.long, device=q.device)  # positives are the 0-th
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def info_nce_logits_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor | None = None,
+    temperature: float = 0.2,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) exactly as info_nce_reference builds them, for top-k accuracy checks."""
+    dtype = _accumulation_dtype(q, k, queue)
+    q, k = q.to(dtype), k.to(dtype)
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    N = q.shape[0]
+    if queue is None:
+        return q @ k.T / temperature, torch.arange(N, device=q.device)
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = torch.einsum("nc,kc->nk", q, queue.to(dtype))
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    return logits, torch.zeros(N, dtype=torch.long, device=q.device)
+
+
+@torch.no_grad()
+def momentum_update_reference(
+    target_tensors: Sequence[torch.Tensor], source_tensors: Sequence[torch.Tensor], m: float
+) -> None:
+    """The official key-encoder update: a Python loop, one tensor at a time."""
+    for param_k, param_q in zip(target_tensors, source_tensors, strict=True):
+        param_k.data = param_k.data * m + param_q.data * (1.0 - m)
+
+
+@torch.no_grad()
+def enqueue_reference(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Write keys (B, C) into queue (K, C) from row ptr on, wrapping around; advance ptr.
+
+    Reads the pointer on the host (a sync on CUDA), which the fast op avoids.
+    """
+    B, K = keys.shape[0], queue.shape[0]
+    start = int(ptr)
+    first = min(B, K - start)  # rows that fit before the end of the queue
+    queue[start : start + first] = keys[:first].to(queue.dtype)
+    queue[: B - first] = keys[first:].to(queue.dtype)  # the wrapped-around rest
+    ptr[0] = (start + B) % K
+    return queue

@@ -1,0 +1,137 @@
+"""enqueue_ against the host-pointer reference (fastmoco.ops.reference): a copy, so exact."""
+
+import random
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastmoco.ops import enqueue_
+from fastmoco.ops.reference import enqueue_reference
+
+
+def assert_equal(actual, expected, name, show=5):
+    """Exact equality; lists the first mismatching rows."""
+    if torch.equal(actual, expected):
+        return
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    bad_rows = (actual != expected).reshape(actual.shape[0], -1).any(dim=1).nonzero().flatten()
+    rows = [f"  row {r}: got {actual[r].tolist()}, want {expected[r].tolist()}" for r in bad_rows]
+    pytest.fail(f"{name}: {len(bad_rows)} rows differ; first:\n" + "\n".join(rows[:show]))
+
+
+def make_queue(K, C, layout, dtype=torch.float32):
+    if layout == "transposed":  # the official (C, K) buffer, used as buf.T
+        return torch.zeros(C, K, dtype=dtype).T
+    return torch.zeros(K, C, dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("C", [3, 16])
+@pytest.mark.parametrize("K", [1, 5, 7, 64])
+def test_random_batch_sizes_wrap_around_like_the_reference(K, C, layout):
+    rng = random.Random(K * 1000 + C)
+    torch.manual_seed(K * 1000 + C)
+    queue, want = make_queue(K, C, layout), make_queue(K, C, layout)
+    ptr, want_ptr = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    sizes = [K, 1, K, 1] + [rng.randint(1, K) for _ in range(20)]  # B == K and B == 1 included
+    for step, B in enumerate(sizes):
+        keys = torch.randn(B, C)
+        assert enqueue_(queue, ptr, keys) is queue
+        enqueue_reference(want, want_ptr, keys)
+        assert_equal(queue, want, name=f"queue after step {step} (B={B})")
+        assert_equal(ptr, want_ptr, name=f"ptr after step {step} (B={B})")
+        assert 0 <= int(ptr) < K
+
+
+def test_wraps_a_batch_that_crosses_the_end():
+    queue = torch.zeros(5, 2)
+    ptr = torch.tensor([3])
+    enqueue_(queue, ptr, torch.arange(8.0).reshape(4, 2))  # rows 3, 4, 0, 1
+    want = torch.tensor([[4.0, 5], [6, 7], [0, 0], [0, 1], [2, 3]])
+    assert_equal(queue, want, "queue")
+    assert ptr.tolist() == [2]
+
+
+def test_keys_are_cast_to_the_queue_dtype():
+    torch.manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        queue, ptr = torch.zeros(7, 4, dtype=dtype), torch.zeros(1, dtype=torch.long)
+        keys = torch.randn(3, 4)
+        enqueue_(queue, ptr, keys)
+        assert queue.dtype == dtype
+        assert_equal(queue[:3], keys.to(dtype), f"{dtype} rows")
+        assert_equal(queue[3:], torch.zeros(4, 4, dtype=dtype), f"{dtype} untouched rows")
+
+
+def test_empty_batch_and_0d_pointer():
+    queue, ptr = torch.ones(4, 2), torch.tensor(3)  # a 0-d pointer is 1 element too
+    enqueue_(queue, ptr, torch.empty(0, 2))
+    assert torch.equal(queue, torch.ones(4, 2)) and int(ptr) == 3
+    enqueue_(queue, ptr, torch.zeros(2, 2))
+    assert int(ptr) == 1 and queue[3].eq(0).all() and queue[0].eq(0).all()
+
+
+def test_keys_that_require_grad_leave_no_graph():
+    queue, ptr = torch.zeros(4, 2), torch.zeros(1, dtype=torch.long)
+    keys = torch.randn(2, 2, requires_grad=True)
+    enqueue_(queue, ptr, keys * 2)
+    assert not queue.requires_grad and queue.grad_fn is None
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on .item() / int(tensor): aten::_local_scalar_dense is a device sync on CUDA."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten._local_scalar_dense.default, "host sync"
+        return func(*args, **(kwargs or {}))
+
+
+def test_pointer_is_never_read_on_the_host():
+    queue, ptr = torch.zeros(8, 3), torch.zeros(1, dtype=torch.long)
+    with NoHostSync():
+        for B in (3, 5, 8, 1):
+            enqueue_(queue, ptr, torch.randn(B, 3))
+    with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+        enqueue_reference(queue, ptr, torch.randn(2, 3))  # the detector does detect
+
+
+def _args(**override):
+    args = dict(
+        queue=torch.zeros(8, 4), ptr=torch.zeros(1, dtype=torch.long), keys=torch.ones(3, 4)
+    )
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (_args(keys=torch.ones(9, 4)), "keys has B = 9 rows but the queue holds only K = 8"),
+        (_args(keys=torch.ones(3, 5)), "keys have C = 5 columns but the queue has C = 4"),
+        (_args(queue=torch.zeros(32)), r"queue must be 2-D \(K, C\).*buf\.T"),
+        (_args(queue=torch.zeros(2, 8, 4)), r"queue must be 2-D \(K, C\)"),
+        (_args(keys=torch.ones(12)), r"keys must be 2-D \(B, C\)"),
+        (_args(queue=torch.zeros(0, 4), keys=torch.ones(0, 4)), r"queue has no rows \(K = 0\)"),
+        (_args(ptr=torch.zeros(1, dtype=torch.int32)), "ptr must be a 1-element int64 tensor"),
+        (_args(ptr=torch.zeros(2, dtype=torch.long)), "ptr must be a 1-element int64 tensor"),
+        (_args(ptr=torch.zeros(1)), "ptr must be a 1-element int64 tensor, got dtype torch.float"),
+        (_args(ptr=torch.zeros(1, dtype=torch.long, device="meta")), "ptr is on meta but the q"),
+        (_args(keys=torch.ones(3, 4, device="meta")), "keys are on meta but the queue is on cpu"),
+        (_args(keys=torch.ones(3, 4, dtype=torch.long)), "queue and keys must be floating"),
+        (_args(ptr=0), "ptr must be a torch.Tensor, got int"),
+    ],
+)
+def test_errors_write_nothing(args, match):
+    queue_before = args["queue"].clone() if isinstance(args["queue"], torch.Tensor) else None
+    ptr_before = args["ptr"].clone() if isinstance(args["ptr"], torch.Tensor) else None
+    with pytest.raises(ValueError, match=match):
+        enqueue_(args["queue"], args["ptr"], args["keys"])
+    assert queue_before is None or torch.equal(args["queue"], queue_before)
+    if ptr_before is not None and ptr_before.device.type != "meta":
+        assert torch.equal(args["ptr"], ptr_before)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match=r"backend must be None .* \('torch',\)"):
+        enqueue_(**_args(), backend="cuda")

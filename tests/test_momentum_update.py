@@ -1,0 +1,250 @@
+"""momentum_update_ against the official per-parameter loop (fastmoco.ops.reference).
+
+lerp and the reference's m*t + (1-m)*s are the same number up to rounding, so results are
+compared at a few ulps of the operands: |diff| <= 4 eps (|t| + |s|) per element.
+"""
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models import resnet18
+
+from fastmoco.ops import momentum_update_
+from fastmoco.ops.reference import momentum_update_reference
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one intra-op thread avoids OpenMP threads contending for 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_ema_close(got, want, target, source, name, show=5):
+    """got vs want within 4 ulps of the operands; lists the first mismatches."""
+    eps = torch.finfo(got.dtype).eps
+    tol = 4 * eps * (target.double().abs() + source.double().abs()) + 1e-300
+    err = (got.double() - want.double()).abs()
+    bad = ~(err <= tol)
+    if bad.any():
+        rows = [
+            f"  {tuple(i.tolist())}: got {got[tuple(i)].item():.10g}, "
+            f"want {want[tuple(i)].item():.10g}"
+            for i in bad.nonzero()[:show]
+        ]
+        pytest.fail(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements off; first:\n" + "\n".join(rows)
+        )
+
+
+@functools.cache
+def _resnet_pair():
+    torch.manual_seed(0)
+    target, source = resnet18(num_classes=10), resnet18(num_classes=10)
+    for model in (target, source):  # distinct BN statistics on both sides
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point():
+                buf.uniform_(0.5, 1.5)
+            else:
+                buf.fill_(len(name))
+    source.layer1[0].bn1.num_batches_tracked.fill_(123)
+    return target, source
+
+
+def two_resnets():
+    """Fresh copies of one seeded pair (building resnet18 costs more than copying it)."""
+    return copy.deepcopy(_resnet_pair())
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("m", [0.0, 0.5, 0.99, 0.999, 1.0])
+def test_resnet18_parameter_list_matches_reference(m, as_tensor):
+    target, source = two_resnets()
+    targets = [p.detach() for p in target.parameters()]
+    sources = [p.detach() for p in source.parameters()]
+    before = [t.clone() for t in targets]
+    want = [t.clone() for t in targets]
+    momentum = torch.tensor(m) if as_tensor else m
+    # A tensor momentum is the fp32 number it holds: the reference gets that same value.
+    momentum_update_reference(want, sources, float(momentum))
+    momentum_update_(targets, sources, momentum)
+    assert len(targets) == 62
+    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
+        assert_ema_close(got, w, t0, s, name=f"param {i}")
+    if m == 1.0:
+        assert all(torch.equal(t, t0) for t, t0 in zip(targets, before, strict=True))
+    if m == 0.0:
+        assert all(torch.equal(t, s) for t, s in zip(targets, sources, strict=True))
+
+
+@pytest.mark.parametrize("buffers", ["skip", "copy", "ema"])
+def test_resnet18_modules_and_buffer_modes(buffers):
+    target, source = two_resnets()
+    m = 0.99
+    before = copy.deepcopy(target)
+    momentum_update_(target, source, m, buffers=buffers)
+
+    for (name, got), t0, s in zip(
+        target.named_parameters(), before.parameters(), source.parameters(), strict=True
+    ):
+        want = [t0.detach().clone()]
+        momentum_update_reference(want, [s.detach()], m)
+        assert_ema_close(got.detach(), want[0], t0.detach(), s.detach(), name=name)
+    checked = 0
+    for (name, got), t0, s in zip(
+        target.named_buffers(), before.buffers(), source.buffers(), strict=True
+    ):
+        if buffers == "skip":
+            assert torch.equal(got, t0), name
+        elif buffers == "copy" or not got.is_floating_point():
+            assert torch.equal(got, s), name  # integer buffers are copied in both modes
+        else:
+            want = [t0.clone()]
+            momentum_update_reference(want, [s], m)
+            assert_ema_close(got, want[0], t0, s, name=name)
+        checked += 1
+    assert checked == 3 * 20  # running_mean, running_var, num_batches_tracked per BN
+
+
+def test_fp64_agrees_to_rounding():
+    torch.manual_seed(1)
+    targets = [torch.randn(17, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    sources = [torch.randn_like(t) for t in targets]
+    want = [t.clone() for t in targets]
+    momentum_update_reference(want, sources, 0.999)
+    momentum_update_(targets, sources, 0.999)
+    for got, w in zip(targets, want, strict=True):
+        torch.testing.assert_close(got, w, atol=1e-15, rtol=1e-15)
+
+
+def test_odd_sizes_and_mixed_dtypes_in_one_call():
+    """Groups by dtype: fp32, fp64, bf16 and fp16 tensors of ragged (and empty) shapes."""
+    torch.manual_seed(2)
+    shapes = [(1,), (3, 5, 7), (0,), (65537,), (2, 0, 3), (129, 3)]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    targets = [torch.randn(s).to(dtypes[i % 4]) for i, s in enumerate(shapes)]
+    sources = [torch.randn(s).to(t.dtype) for s, t in zip(shapes, targets, strict=True)]
+    sources[3] = torch.randn(2 * 65537).to(targets[3].dtype)[::2]  # a strided source
+    targets.append(torch.randn(40, 6)[:, ::2])  # a non-contiguous target
+    sources.append(torch.randn(40, 3))
+    before = [t.clone() for t in targets]
+    want = [t.clone() for t in targets]
+    momentum = torch.tensor(0.9)  # fp32 0.9 = 0.89999998; 1 - m is exact in fp32
+    momentum_update_reference(want, sources, float(momentum))
+    momentum_update_(targets, sources, momentum)
+    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
+        assert got.dtype == t0.dtype
+        assert_ema_close(got, w, t0, s, name=f"tensor {i} {t0.dtype} {tuple(t0.shape)}")
+
+
+def test_tensor_momentum_equals_float_momentum():
+    torch.manual_seed(3)
+    a = [torch.randn(1000), torch.randn(7, 7)]
+    b = [t.clone() for t in a]
+    src = [torch.randn_like(t) for t in a]
+    momentum_update_(a, src, 0.75)  # exact in binary, so both weights are the same number
+    momentum_update_(b, src, torch.tensor(0.75))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_empty_lists_and_empty_modules_are_no_ops():
+    momentum_update_([], [], 0.9)
+    momentum_update_(nn.ReLU(), nn.ReLU(), 0.9, buffers="ema")
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on .item() / int(tensor): aten::_local_scalar_dense is a device sync on CUDA."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten._local_scalar_dense.default, "host sync"
+        return func(*args, **(kwargs or {}))
+
+
+def test_tensor_momentum_is_never_read_on_the_host():
+    target, source = nn.Linear(5, 3), nn.Linear(5, 3)
+    with NoHostSync():
+        momentum_update_(target, source, torch.tensor(0.99), buffers="ema")
+    with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+        torch.tensor(0.99).item()  # the detector does detect
+
+
+def _lists(n=4):
+    torch.manual_seed(4)
+    return [torch.randn(3, i + 1) for i in range(n)], [torch.randn(3, i + 1) for i in range(n)]
+
+
+def _mismatch(kind):
+    """(target, source, match) where only the last pair is wrong."""
+    targets, sources = _lists()
+    if kind == "count":
+        return targets, sources[:-1], "target has 4 tensors but source has 3"
+    if kind == "shape":
+        sources[-1] = torch.randn(3, 5)
+        return targets, sources, r"tensor \[3\]: target shape torch.Size\(\[3, 4\]\) differs"
+    if kind == "dtype":
+        sources[-1] = sources[-1].double()
+        return targets, sources, r"tensor \[3\]: target dtype torch.float32 differs"
+    if kind == "device":
+        sources[-1] = sources[-1].to("meta")
+        return targets, sources, r"tensor \[3\]: target device cpu differs from the source's meta"
+    if kind == "integer":
+        targets[-1], sources[-1] = torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4).long()
+        return targets, sources, r"\[3\]: momentum update needs floating tensors"
+    if kind == "names":
+        target = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 3))
+        source = nn.Sequential()
+        source.add_module("0", nn.Linear(2, 2))
+        source.add_module("head", nn.Linear(2, 3))
+        return target, source, "parameter names differ: target '1.weight' vs source 'head.weight'"
+    if kind == "buffer_shape":
+        target, source = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+        source.running_var = torch.ones(4)
+        return target, source, "buffer running_var: target shape"
+    if kind == "module_and_list":
+        return nn.Linear(2, 2), sources, "both be nn.Modules or both be sequences"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["count", "shape", "dtype", "device", "integer", "names", "buffer_shape", "module_and_list"],
+)
+def test_mismatch_raises_and_writes_nothing(kind):
+    target, source, match = _mismatch(kind)
+    tensors = [*target.parameters(), *target.buffers()] if isinstance(target, nn.Module) else target
+    before = [t.detach().clone() for t in tensors]
+    with pytest.raises(ValueError, match=match):
+        momentum_update_(target, source, 0.5, buffers="ema" if kind == "buffer_shape" else "skip")
+    assert all(torch.equal(t.detach(), b) for t, b in zip(tensors, before, strict=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(momentum=1.5), r"momentum must be a float in \[0, 1\]"),
+        (dict(momentum=-0.1), r"momentum must be a float in \[0, 1\]"),
+        (dict(momentum=True), r"momentum must be a float in \[0, 1\]"),
+        (dict(momentum="0.9"), r"momentum must be a float in \[0, 1\]"),
+        (dict(momentum=torch.tensor([0.9])), "momentum tensor must be a 0-d floating tensor"),
+        (dict(momentum=torch.tensor(1)), "momentum tensor must be a 0-d floating tensor"),
+        (dict(momentum=torch.tensor(0.9, device="meta")), "momentum is on meta but the targets"),
+        (dict(momentum=0.9, buffers="all"), r"buffers must be one of \('skip', 'copy', 'ema'\)"),
+        (dict(momentum=0.9, buffers="ema"), "buffers='ema' only applies to nn.Modules"),
+        (dict(momentum=0.9, backend="triton"), r"backend must be None .* \('torch',\)"),
+        (dict(momentum=0.9, target=torch.randn(3)), "wrap a single tensor as \\[tensor\\]"),
+        (dict(momentum=0.9, source=[1.0, 2.0, 3.0, 4.0]), r"source\[0\] is a float"),
+    ],
+)
+def test_argument_errors_write_nothing(kwargs, match):
+    targets, sources = _lists()
+    target, source = kwargs.pop("target", targets), kwargs.pop("source", sources)
+    before = [t.clone() for t in targets]
+    with pytest.raises(ValueError, match=match):
+        momentum_update_(target, source, **kwargs)
+    assert all(torch.equal(t, b) for t, b in zip(targets, before, strict=True))
