@@ -41,7 +41,8 @@ def run_moco_steps(out_dir: str, shuffle_bn: bool) -> None:
         losses.append(global_loss)
     torch.save(
         {"queue": model.queue, "ptr": model.queue_ptr, "losses": torch.stack(losses),
-         "encoder_k": model.encoder_k.state_dict()},
+         # parameters only: BN running stats are per rank, as in the official code
+         "encoder_k": dict(model.encoder_k.named_parameters())},
         f"{out_dir}/w{world_size}_r{rank}.pt",
     )
 

@@ -50,7 +50,8 @@ def plot_curves(history: list[dict], knn_random: float | None, path: Path, title
     if knn_random is not None:
         ax_k.axhline(knn_random, ls="--", color="gray", label=f"random init ({knn_random:.1f})")
     ax_k.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN monitor (val)")
-    ax_k.legend()
+    if knn or knn_random is not None:
+        ax_k.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
