@@ -22,16 +22,26 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         ),
     )
     a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), help="configuration (default: demo without --data, "
-      "mocov2 with it)")
+    a(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="configuration (default: demo without --data, mocov2 with it)",
+    )
     a("--data", help="ImageFolder root: DIR/train and DIR/val (kNN monitor), or DIR as train set")
     a("--arch", help=f"backbone (mocov2: {D.arch}; resnet18, resnet34, resnet50, resnet-tiny)")
-    a("--small-images", action="store_true", default=None,
-      help="3x3 stem without max-pool, for 32-64 px images")
+    a(
+        "--small-images",
+        action="store_true",
+        default=None,
+        help="3x3 stem without max-pool, for 32-64 px images",
+    )
     a("--epochs", type=int, help=f"epochs (mocov2: {D.epochs})")
     a("--batch-size", type=int, help=f"global batch over all GPUs (mocov2: {D.batch_size})")
-    a("--lr", type=float, help=f"base learning rate for batch 256, scaled by batch/256 "
-      f"(mocov2: {D.lr})")
+    a(
+        "--lr",
+        type=float,
+        help=f"base learning rate for batch 256, scaled by batch/256 (mocov2: {D.lr})",
+    )
     a("--schedule", choices=["cosine", "step"], help="cosine (v2) or x0.1 at 120/160 (v1)")
     a("--warmup-epochs", type=float, help="linear warm-up epochs (default 0)")
     a("--weight-decay", type=float, help=f"(mocov2: {D.weight_decay})")
@@ -42,25 +52,36 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a("--recipe", choices=["v1", "v2"], help="augmentation recipe (v2 adds blur)")
     a("--crop-size", type=int, help=f"training crop in pixels (mocov2: {D.crop_size})")
     a("--bn-splits", type=int, help="BN groups per device for shuffle BN (8 simulates 8 GPUs)")
-    a("--no-shuffle-bn", dest="shuffle_bn", action="store_false", default=None,
-      help="encode keys in batch order (shuffle BN off)")
-    a("--gpus", type=int, help="local processes, one per GPU (default 1); under torchrun the "
-      "environment decides")
+    a(
+        "--no-shuffle-bn",
+        dest="shuffle_bn",
+        action="store_false",
+        default=None,
+        help="encode keys in batch order (shuffle BN off)",
+    )
+    a(
+        "--gpus",
+        type=int,
+        help="local processes, one per GPU (default 1); under torchrun the environment decides",
+    )
     a("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when visible")
     a("--amp", action="store_true", default=None, help="mixed precision (bf16 autocast)")
     a("--amp-dtype", choices=["bf16", "fp16"], help="fp16 uses a GradScaler, CUDA only")
     a("--channels-last", action="store_true", default=None, help="NHWC memory format")
     a("--workers", type=int, help=f"data-loading processes per rank (mocov2: {D.workers})")
-    a("--skip-bad-images", action="store_true", default=None,
-      help="count and skip unreadable images instead of stopping at the first")
+    a(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="count and skip unreadable images instead of stopping at the first",
+    )
     a("--knn-every", type=int, help="epochs between kNN evaluations (0: off)")
     a("--knn-k", type=int, help=f"neighbours of the kNN monitor (mocov2: {D.knn_k})")
     a("--out", help="run directory (default runs/<preset>-<date-time>)")
     a("--resume", help="checkpoint file, run directory, or 'auto' (newest run of the preset)")
     a("--seed", type=int, help="seed of weights, data order, augmentation and shuffle BN")
     a("--demo-seed", type=int, help="which demo dataset to draw (without --data)")
-    a("--no-progress", dest="progress", action="store_false", default=None,
-      help="no progress bars")
+    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     return p
 
 
@@ -127,8 +148,10 @@ def main(argv=None) -> int:
         print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"fastmoco {args.cmd}: {e}; continue with --resume {Path(e.path).parent}",
-              file=sys.stderr)
+        print(
+            f"fastmoco {args.cmd}: {e}; continue with --resume {Path(e.path).parent}",
+            file=sys.stderr,
+        )
         return 128 + int(e.signum)
 
 

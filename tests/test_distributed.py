@@ -17,8 +17,18 @@ def run_moco_steps(out_dir: str, shuffle_bn: bool) -> None:
     rank, world_size = world()
     torch.manual_seed(0)
     # one process with 2 BN groups sees what 2 ranks with 1 group each see
-    model = MoCo("resnet-tiny", dim=16, K=40, m=0.9, T=0.2, mlp_hidden=32, small_images=True,
-                 shuffle_bn=shuffle_bn, bn_splits=2 // world_size, seed=7)
+    model = MoCo(
+        "resnet-tiny",
+        dim=16,
+        K=40,
+        m=0.9,
+        T=0.2,
+        mlp_hidden=32,
+        small_images=True,
+        shuffle_bn=shuffle_bn,
+        bn_splits=2 // world_size,
+        seed=7,
+    )
     g = torch.Generator().manual_seed(123)
     x1 = torch.randn(STEPS, GLOBAL_BATCH, 3, 16, 16, generator=g)
     x2 = torch.randn(STEPS, GLOBAL_BATCH, 3, 16, 16, generator=g)
@@ -28,7 +38,7 @@ def run_moco_steps(out_dir: str, shuffle_bn: bool) -> None:
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for s in range(STEPS):
-        loss, k, _ = model(x1[s, rank * B:(rank + 1) * B], x2[s, rank * B:(rank + 1) * B])
+        loss, k, _ = model(x1[s, rank * B : (rank + 1) * B], x2[s, rank * B : (rank + 1) * B])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -40,9 +50,13 @@ def run_moco_steps(out_dir: str, shuffle_bn: bool) -> None:
             global_loss /= world_size
         losses.append(global_loss)
     torch.save(
-        {"queue": model.queue, "ptr": model.queue_ptr, "losses": torch.stack(losses),
-         # parameters only: BN running stats are per rank, as in the official code
-         "encoder_k": dict(model.encoder_k.named_parameters())},
+        {
+            "queue": model.queue,
+            "ptr": model.queue_ptr,
+            "losses": torch.stack(losses),
+            # parameters only: BN running stats are per rank, as in the official code
+            "encoder_k": dict(model.encoder_k.named_parameters()),
+        },
         f"{out_dir}/w{world_size}_r{rank}.pt",
     )
 

@@ -44,8 +44,10 @@ def test_split_batchnorm_channels_last_and_eval():
         SplitBatchNorm2d(4, num_splits=3)(x)
 
 
-@pytest.mark.parametrize("arch,small,dim", [("resnet18", True, 512), ("resnet-tiny", True, 256),
-                                            ("resnet50", False, 2048)])
+@pytest.mark.parametrize(
+    "arch,small,dim",
+    [("resnet18", True, 512), ("resnet-tiny", True, 128), ("resnet50", False, 2048)],
+)
 def test_backbones(arch, small, dim):
     net, d = build_backbone(arch, small_images=small, bn_splits=2)
     assert d == dim
@@ -102,11 +104,13 @@ def test_moco_step_semantics():
         for p in model.encoder_q.parameters():
             p.sub_(0.1 * p.grad)
     model.momentum_update_key_encoder()
-    for pk, pk0, pq in zip(model.encoder_k.parameters(), k_params, model.encoder_q.parameters(),
-                           strict=True):
+    for pk, pk0, pq in zip(
+        model.encoder_k.parameters(), k_params, model.encoder_q.parameters(), strict=True
+    ):
         torch.testing.assert_close(pk, 0.9 * pk0 + 0.1 * pq)
-    assert any(not torch.equal(p, p0) for p, p0 in zip(model.encoder_q.parameters(), q_params,
-                                                       strict=True))
+    assert any(
+        not torch.equal(p, p0) for p, p0 in zip(model.encoder_q.parameters(), q_params, strict=True)
+    )
     for _ in range(5):  # 5 x 8 = 40 = K: wraps around exactly once
         model.dequeue_and_enqueue(k)
     assert int(model.queue_ptr) == 0

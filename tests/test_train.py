@@ -7,8 +7,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import write_image_folder
+
 from fastmoco.cli import main
 from fastmoco.config import TrainConfig
 from fastmoco.engine import Interrupted, lr_at, train
@@ -16,10 +16,28 @@ from fastmoco.engine import Interrupted, lr_at, train
 
 def tiny_cfg(data, out, **kw) -> TrainConfig:
     base = TrainConfig(
-        preset="test", arch="resnet-tiny", small_images=True, dim=16, mlp_hidden=32,
-        queue_size=64, moco_m=0.9, temperature=0.2, bn_splits=2, crop_size=16, workers=0,
-        epochs=2, batch_size=8, lr=0.06, knn_k=5, data=str(data), out=str(out),
-        progress=False, log_every=2, mean=(0.5,) * 3, std=(0.25,) * 3, device="cpu",
+        preset="test",
+        arch="resnet-tiny",
+        small_images=True,
+        dim=16,
+        mlp_hidden=32,
+        queue_size=64,
+        moco_m=0.9,
+        temperature=0.2,
+        bn_splits=2,
+        crop_size=16,
+        workers=0,
+        epochs=2,
+        batch_size=8,
+        lr=0.06,
+        knn_k=5,
+        data=str(data),
+        out=str(out),
+        progress=False,
+        log_every=2,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        device="cpu",
     )
     return base.replace(**kw)
 
@@ -99,9 +117,28 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 
 @pytest.fixture
 def cli_args(tmp_path):
-    return ["--arch", "resnet-tiny", "--small-images", "--crop-size", "16", "--workers", "0",
-            "--epochs", "1", "--batch-size", "8", "--queue-size", "64", "--out", tmp_path / "o",
-            "--no-progress", "--device", "cpu", "--bn-splits", "2"]
+    return [
+        "--arch",
+        "resnet-tiny",
+        "--small-images",
+        "--crop-size",
+        "16",
+        "--workers",
+        "0",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--queue-size",
+        "64",
+        "--out",
+        tmp_path / "o",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--bn-splits",
+        "2",
+    ]
 
 
 def test_cli_missing_and_empty_data(tmp_path, capsys, cli_args):
@@ -143,7 +180,23 @@ def test_cli_help_is_the_manual(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--preset", "--data", "--arch", "--epochs", "--batch-size", "--lr",
-                 "--queue-size", "--moco-m", "--temperature", "--gpus", "--amp", "--out",
-                 "--resume", "--seed", "--workers", "--skip-bad-images", "--knn-every"):
+    for flag in (
+        "--preset",
+        "--data",
+        "--arch",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--queue-size",
+        "--moco-m",
+        "--temperature",
+        "--gpus",
+        "--amp",
+        "--out",
+        "--resume",
+        "--seed",
+        "--workers",
+        "--skip-bad-images",
+        "--knn-every",
+    ):
         assert flag in text, flag

@@ -7,7 +7,6 @@ summed on the device and read every `log_every` steps.
 """
 
 import math
-import os
 import signal
 import time
 from datetime import datetime
@@ -73,9 +72,7 @@ def check_config(cfg: TrainConfig) -> None:
         )
     per_rank = cfg.batch_size // cfg.gpus
     if cfg.bn_splits > 1 and per_rank % cfg.bn_splits:
-        raise UsageError(
-            f"--bn-splits {cfg.bn_splits} must divide the per-device batch {per_rank}"
-        )
+        raise UsageError(f"--bn-splits {cfg.bn_splits} must divide the per-device batch {per_rank}")
     if not (0.0 <= cfg.moco_m <= 1.0) or cfg.temperature <= 0:
         raise UsageError("--moco-m must lie in [0, 1] and --temperature must be positive")
     if cfg.amp and cfg.amp_dtype not in ("bf16", "fp16"):
@@ -168,7 +165,10 @@ class Trainer:
             )
             if cfg.crop_size < 64:  # small images: no resize margin, as in the CIFAR demo
                 ev["resize_size"] = cfg.crop_size
-            self.knn_loaders = (build_eval_loader(train_root, **ev), build_eval_loader(val_root, **ev))
+            self.knn_loaders = (
+                build_eval_loader(train_root, **ev),
+                build_eval_loader(val_root, **ev),
+            )
             self.num_classes = len(scan_image_folder(train_root)[1])
 
         self.model = MoCo(
@@ -385,7 +385,9 @@ class Trainer:
                     seconds=time.perf_counter() - t0,
                 )
                 self.history.append(rec)
-                self.log.log("epoch", self.global_step, **{k: v for k, v in rec.items() if v is not None})
+                self.log.log(
+                    "epoch", self.global_step, **{k: v for k, v in rec.items() if v is not None}
+                )
                 if self.is_main:
                     knn_s = f", kNN top-1 {top1:.2f}%" if top1 is not None else ""
                     print(
@@ -400,7 +402,9 @@ class Trainer:
             path = self.save()
             if self.is_main:
                 print(f"\ninterrupted: checkpoint saved to {path}", flush=True)
-                torch.save({"interrupted": self._stop_signal or signal.SIGTERM}, self.out / "results.pt")
+                torch.save(
+                    {"interrupted": self._stop_signal or signal.SIGTERM}, self.out / "results.pt"
+                )
             return {}
         results = {
             "out": str(self.out),
@@ -413,7 +417,9 @@ class Trainer:
             "bad_images": self.bad_images,
         }
         if self.is_main:
-            plot_curves(self.history, self.knn_random, self.out / "curves.png", f"fastmoco {cfg.preset}")
+            plot_curves(
+                self.history, self.knn_random, self.out / "curves.png", f"fastmoco {cfg.preset}"
+            )
             torch.save(results, self.out / "results.pt")
             if cfg.skip_bad_images and self.bad_images:
                 print(f"skipped {self.bad_images} unreadable image reads", flush=True)

@@ -66,11 +66,19 @@ def knn_accuracy(
 ) -> float:
     """Top-1 accuracy in percent of the weighted kNN classifier on the val split."""
     bank, bank_labels = extract_features(
-        backbone, train_loader, device, channels_last=channels_last, progress=progress,
+        backbone,
+        train_loader,
+        device,
+        channels_last=channels_last,
+        progress=progress,
         desc="kNN bank",
     )
     query, labels = extract_features(
-        backbone, val_loader, device, channels_last=channels_last, progress=progress,
+        backbone,
+        val_loader,
+        device,
+        channels_last=channels_last,
+        progress=progress,
         desc="kNN val",
     )
     pred = knn_predict(query, bank, bank_labels, num_classes, k, t)

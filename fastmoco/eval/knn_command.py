@@ -23,7 +23,10 @@ def encoder_from_checkpoint(path: str | Path) -> tuple[Encoder, TrainConfig]:
         )
     cfg = TrainConfig.from_dict(s["config"])
     enc = Encoder(
-        cfg.arch, dim=cfg.dim, mlp_hidden=cfg.mlp_hidden, small_images=cfg.small_images,
+        cfg.arch,
+        dim=cfg.dim,
+        mlp_hidden=cfg.mlp_hidden,
+        small_images=cfg.small_images,
         bn_splits=1,
     )
     enc.load_state_dict(s["encoder_q"])
@@ -39,12 +42,14 @@ def knn_command(pretrained, *, data=None, k=200, t=0.1, batch_size=256, workers=
             raise UsageError(f"--data {root}: needs train/ and val/ subdirectories ({p} missing)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    ev = dict(crop_size=cfg.crop_size, batch_size=batch_size, workers=workers, mean=cfg.mean,
-              std=cfg.std)
+    ev = dict(
+        crop_size=cfg.crop_size, batch_size=batch_size, workers=workers, mean=cfg.mean, std=cfg.std
+    )
     if cfg.crop_size < 64:
         ev["resize_size"] = cfg.crop_size
     loaders = build_eval_loader(train_root, **ev), build_eval_loader(val_root, **ev)
     num_classes = len(scan_image_folder(train_root)[1])
     enc.to(device)
-    return knn_accuracy(enc.backbone, *loaders, device, num_classes=num_classes, k=k, t=t,
-                        progress=True)
+    return knn_accuracy(
+        enc.backbone, *loaders, device, num_classes=num_classes, k=k, t=t, progress=True
+    )

@@ -29,7 +29,9 @@ def projection_head(in_dim: int, dim: int, mlp_hidden: int) -> nn.Module:
     """v1: one fc layer to `dim`; v2 (mlp_hidden > 0): fc-ReLU-fc, no BN (MoCo v2, Sec. 2)."""
     if mlp_hidden <= 0:
         return nn.Linear(in_dim, dim)
-    return nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.ReLU(inplace=True), nn.Linear(mlp_hidden, dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, mlp_hidden), nn.ReLU(inplace=True), nn.Linear(mlp_hidden, dim)
+    )
 
 
 class Encoder(nn.Module):
