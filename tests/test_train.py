@@ -70,6 +70,37 @@ def test_train_writes_run(tiny_data, tmp_path):
     assert TrainConfig.from_dict(ck["config"]) == tiny_cfg(tiny_data, out)
 
 
+def test_train_amp_channels_last_and_knn_command(tiny_data, tmp_path, capsys):
+    """bf16 autocast + channels_last on the CPU; the key encoder stays fp32; `fastmoco knn`."""
+    out = tmp_path / "run"
+    res = train(tiny_cfg(tiny_data, out, epochs=1, amp=True, channels_last=True))
+    assert all(math.isfinite(h["loss"]) for h in res["history"])
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert all(t.dtype == torch.float32 for t in ck["encoder_k"].values() if t.is_floating_point())
+    assert ck["queue"].dtype == torch.float32
+    code = main(
+        [
+            "knn",
+            "--data",
+            str(tiny_data),
+            "--pretrained",
+            str(out / "checkpoint.pt"),
+            "--k",
+            "5",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and "kNN top-1:" in text
+    top1 = float(text.split("kNN top-1:")[1].split("%")[0])
+    assert top1 == pytest.approx(res["knn_final"], abs=1e-6)
+    code = main(["knn", "--data", str(tiny_data), "--pretrained", str(tiny_data)])
+    assert code == 2 and "checkpoint" in capsys.readouterr().err
+
+
 def _assert_same_state(a: dict, b: dict, path="") -> None:
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path

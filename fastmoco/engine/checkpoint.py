@@ -40,7 +40,7 @@ def set_rng_states(states: dict, *generators: torch.Generator) -> None:
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     for g, s in zip(generators, states["generators"], strict=True):
-        g.set_state(s.to(torch.uint8) if s.device.type != "cpu" else s)
+        g.set_state(s)
 
 
 def resolve_resume(resume: str, out: str | None, runs_root: str, preset: str) -> Path:
