@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from fastmoco.config import TrainConfig
-from fastmoco.data import build_eval_loader, build_two_view_loader, demo_dataset, scan_image_folder
+from fastmoco.data import build_two_view_loader, demo_dataset, scan_image_folder
 from fastmoco.errors import UsageError
-from fastmoco.eval.knn import knn_accuracy
+from fastmoco.eval.knn import build_knn_loaders, knn_accuracy
 from fastmoco.models import ARCHS, MoCo
 from fastmoco.ops.distributed import world
 
@@ -156,18 +156,13 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self.knn_loaders = None
         if val_root and self.is_main and cfg.knn_every > 0:
-            ev = dict(
+            self.knn_loaders = build_knn_loaders(
+                train_root,
+                val_root,
                 crop_size=cfg.crop_size,
-                batch_size=256,
-                workers=cfg.workers,
                 mean=cfg.mean,
                 std=cfg.std,
-            )
-            if cfg.crop_size < 64:  # small images: no resize margin, as in the CIFAR demo
-                ev["resize_size"] = cfg.crop_size
-            self.knn_loaders = (
-                build_eval_loader(train_root, **ev),
-                build_eval_loader(val_root, **ev),
+                workers=cfg.workers,
             )
             self.num_classes = len(scan_image_folder(train_root)[1])
 

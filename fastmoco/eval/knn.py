@@ -10,6 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fastmoco.data import build_eval_loader
+
+
+def build_knn_loaders(train_root, val_root, *, crop_size, mean, std, batch_size=256, workers=4):
+    """(bank loader over train, query loader over val) with the eval transform.
+
+    Below 64 px there is no resize margin to spare (the CIFAR demo's convention): the whole
+    image is resized to the crop.
+    """
+    ev = dict(crop_size=crop_size, batch_size=batch_size, workers=workers, mean=mean, std=std)
+    if crop_size < 64:
+        ev["resize_size"] = crop_size
+    return build_eval_loader(train_root, **ev), build_eval_loader(val_root, **ev)
+
 
 @torch.no_grad()
 def extract_features(

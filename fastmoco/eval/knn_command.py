@@ -5,12 +5,12 @@ from pathlib import Path
 import torch
 
 from fastmoco.config import TrainConfig
-from fastmoco.data import build_eval_loader, demo_dataset, scan_image_folder
+from fastmoco.data import demo_dataset, scan_image_folder
 from fastmoco.engine.checkpoint import load_checkpoint
 from fastmoco.errors import UsageError
 from fastmoco.models.moco import Encoder
 
-from .knn import knn_accuracy
+from .knn import build_knn_loaders, knn_accuracy
 
 
 def encoder_from_checkpoint(path: str | Path) -> tuple[Encoder, TrainConfig]:
@@ -42,12 +42,15 @@ def knn_command(pretrained, *, data=None, k=200, t=0.1, batch_size=256, workers=
             raise UsageError(f"--data {root}: needs train/ and val/ subdirectories ({p} missing)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    ev = dict(
-        crop_size=cfg.crop_size, batch_size=batch_size, workers=workers, mean=cfg.mean, std=cfg.std
+    loaders = build_knn_loaders(
+        train_root,
+        val_root,
+        crop_size=cfg.crop_size,
+        mean=cfg.mean,
+        std=cfg.std,
+        batch_size=batch_size,
+        workers=workers,
     )
-    if cfg.crop_size < 64:
-        ev["resize_size"] = cfg.crop_size
-    loaders = build_eval_loader(train_root, **ev), build_eval_loader(val_root, **ev)
     num_classes = len(scan_image_folder(train_root)[1])
     enc.to(device)
     return knn_accuracy(
