@@ -6,7 +6,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastmoco.engine.distributed import launch
-from fastmoco.models import MoCo
+from fastmoco.eval.knn import build_knn_loaders, extract_features, knn_accuracy
+from fastmoco.models import MoCo, build_backbone
 from fastmoco.ops.distributed import world
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -75,3 +76,32 @@ def test_two_ranks_match_one_process(tmp_path, shuffle_bn):
     one = torch.load(tmp_path / "w1_r0.pt")
     torch.testing.assert_close(r0["losses"], one["losses"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r0["queue"], one["queue"], rtol=1e-4, atol=1e-5)
+
+
+def knn_on_ranks(out_dir: str, data: str) -> None:
+    rank, world_size = world()
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet-tiny", small_images=True)
+    loaders = build_knn_loaders(
+        f"{data}/train", f"{data}/val", crop_size=16, mean=(0.5,) * 3, std=(0.25,) * 3,
+        batch_size=5, workers=0,
+    )
+    bank, labels = extract_features(backbone, loaders[0], "cpu")
+    top1 = knn_accuracy(backbone, *loaders, "cpu", num_classes=3, k=5)
+    path = f"{out_dir}/knn_w{world_size}_r{rank}.pt"
+    torch.save({"top1": top1, "bank": bank, "labels": labels}, path)
+
+
+def test_knn_shards_over_ranks(tmp_path, tiny_data):
+    """Each rank encodes its shard; the gathered bank and the accuracy match one process."""
+    launch(knn_on_ranks, (str(tmp_path), str(tiny_data)), nprocs=2, device="cpu")
+    knn_on_ranks(str(tmp_path), str(tiny_data))
+    one = torch.load(tmp_path / "knn_w1_r0.pt")
+    for r in (0, 1):
+        two = torch.load(tmp_path / f"knn_w2_r{r}.pt")
+        assert two["top1"] == one["top1"]
+        assert len(two["bank"]) == len(one["bank"]) == 36
+        # rank 0 holds images 0, 2, 4, ...; rank 1 holds 1, 3, 5, ...
+        order = torch.cat([torch.arange(0, 36, 2), torch.arange(1, 36, 2)])
+        torch.testing.assert_close(two["bank"], one["bank"][order], rtol=1e-5, atol=1e-5)
+        assert torch.equal(two["labels"], one["labels"][order])

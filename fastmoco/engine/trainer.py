@@ -155,7 +155,7 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.loader)
         self.knn_loaders = None
-        if val_root and self.is_main and cfg.knn_every > 0:
+        if val_root and cfg.knn_every > 0:
             self.knn_loaders = build_knn_loaders(
                 train_root,
                 val_root,
@@ -242,22 +242,19 @@ class Trainer:
 
     # --- evaluation --------------------------------------------------------------------
     def knn(self) -> float | None:
-        """kNN top-1 (%) of the query backbone on rank 0; other ranks wait at the barrier."""
-        top1 = None
-        if self.knn_loaders is not None:
-            top1 = knn_accuracy(
-                self.model.query_encoder().backbone,
-                *self.knn_loaders,
-                self.device,
-                num_classes=self.num_classes,
-                k=self.cfg.knn_k,
-                t=self.cfg.knn_t,
-                channels_last=self.cfg.channels_last,
-                progress=self.cfg.progress,
-            )
-        if self.world_size > 1:
-            dist.barrier()
-        return top1
+        """kNN top-1 (%) of the query backbone; every rank encodes its shard of the splits."""
+        if self.knn_loaders is None:
+            return None
+        return knn_accuracy(
+            self.model.query_encoder().backbone,
+            *self.knn_loaders,
+            self.device,
+            num_classes=self.num_classes,
+            k=self.cfg.knn_k,
+            t=self.cfg.knn_t,
+            channels_last=self.cfg.channels_last,
+            progress=self.cfg.progress and self.is_main,
+        )
 
     # --- the loop ----------------------------------------------------------------------
     def _on_signal(self, signum, frame):

@@ -3,6 +3,10 @@
 Features are L2-normalised backbone outputs. Each val sample's k nearest train samples by
 cosine similarity vote for their class with weight exp(sim / t); the top vote is the
 prediction. k=200, t=0.1 are the InstDisc values.
+
+Under torch.distributed each rank encodes its shard of both splits and the features are
+all-gathered, so every rank computes the same accuracy and none idles at a barrier for
+the length of a whole extraction (which at ImageNet size can outlast NCCL's timeout).
 """
 
 import torch
@@ -11,25 +15,40 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmoco.data import build_eval_loader
+from fastmoco.ops.distributed import all_gather_cat, world
 
 
 def build_knn_loaders(train_root, val_root, *, crop_size, mean, std, batch_size=256, workers=4):
-    """(bank loader over train, query loader over val) with the eval transform.
+    """(bank loader over train, query loader over val), this rank's shard of each.
 
     Below 64 px there is no resize margin to spare (the CIFAR demo's convention): the whole
     image is resized to the crop.
     """
-    ev = dict(crop_size=crop_size, batch_size=batch_size, workers=workers, mean=mean, std=std)
+    rank, world_size = world()
+    ev = dict(crop_size=crop_size, batch_size=batch_size, workers=workers, mean=mean, std=std,
+              rank=rank, world_size=world_size)
     if crop_size < 64:
         ev["resize_size"] = crop_size
     return build_eval_loader(train_root, **ev), build_eval_loader(val_root, **ev)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's x along dim 0 when the ranks hold different row counts."""
+    _, world_size = world()
+    if world_size == 1:
+        return x
+    counts = all_gather_cat(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    rows = all_gather_cat(padded).view(world_size, max(counts), *x.shape[1:])
+    return torch.cat([rows[r, :n] for r, n in enumerate(counts)])
 
 
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, loader, device, *, channels_last=False, progress=False, desc="features"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features N x D unit rows, labels N) with the backbone in eval mode (restored after)."""
+    """(features N x D unit rows, labels N) of every rank's shard, backbone in eval mode."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
@@ -40,7 +59,7 @@ def extract_features(
         feats.append(F.normalize(backbone(x).float(), dim=1))
         labels.append(y.to(device))
     backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return gather_rows(torch.cat(feats)), gather_rows(torch.cat(labels))
 
 
 @torch.no_grad()
