@@ -83,8 +83,13 @@ def knn_on_ranks(out_dir: str, data: str) -> None:
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet-tiny", small_images=True)
     loaders = build_knn_loaders(
-        f"{data}/train", f"{data}/val", crop_size=16, mean=(0.5,) * 3, std=(0.25,) * 3,
-        batch_size=5, workers=0,
+        f"{data}/train",
+        f"{data}/val",
+        crop_size=16,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        batch_size=5,
+        workers=0,
     )
     bank, labels = extract_features(backbone, loaders[0], "cpu")
     top1 = knn_accuracy(backbone, *loaders, "cpu", num_classes=3, k=5)
@@ -105,3 +110,21 @@ def test_knn_shards_over_ranks(tmp_path, tiny_data):
         order = torch.cat([torch.arange(0, 36, 2), torch.arange(1, 36, 2)])
         torch.testing.assert_close(two["bank"], one["bank"][order], rtol=1e-5, atol=1e-5)
         assert torch.equal(two["labels"], one["labels"][order])
+
+
+def test_trainer_on_two_ranks(tmp_path, tiny_data):
+    """The whole trainer under DDP on 2 gloo ranks: sharded data, gathered keys, one writer."""
+    from test_train import tiny_cfg
+
+    from fastmoco.engine.trainer import _train_rank
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_data, out, epochs=1)
+    args = (cfg, str(tiny_data / "train"), str(tiny_data / "val"), str(out), None, None)
+    launch(_train_rank, args, nprocs=2, device="cpu")
+    res = torch.load(out / "results.pt", weights_only=False)
+    assert res["knn_random"] is not None and res["knn_final"] is not None
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    # 36 images, global batch 8: 4 steps of 8 keys each, all enqueued on every rank
+    assert ck["global_step"] == 4 and int(ck["queue_ptr"]) == 32
+    assert not any(k.startswith("module.") for k in ck["encoder_q"])
