@@ -118,7 +118,8 @@ class DemoSpec:
     n_train_per_class: int = 300
     n_val_per_class: int = 100
     classes: tuple[str, ...] = tuple(SHAPES)
-    palette_size: int = 4  # the first N colours of PALETTE, shared by all classes
+    palette: tuple[tuple[int, int, int], ...] = PALETTE  # RGB colours shared by all classes
+    palette_size: int = 4  # use the first N colours of the palette
     textures: tuple[str, ...] = TEXTURES  # background patterns, shared by all classes
     texture_contrast: float = 0.15  # 0 = flat background, 1 = full two-colour pattern
     texture_period: tuple[float, float] = (0.1, 0.22)  # pattern period / image side
@@ -132,8 +133,9 @@ class DemoSpec:
         unknown = [c for c in self.classes if c not in SHAPES]
         if unknown:
             raise ValueError(f"unknown demo classes {unknown}: choose from {list(SHAPES)}")
-        if not 2 <= self.palette_size <= len(PALETTE):
-            raise ValueError(f"palette_size must lie in 2..{len(PALETTE)}")
+        # three distinct colours per image: the shape and the background's two
+        if not 3 <= self.palette_size <= len(self.palette):
+            raise ValueError(f"palette_size must lie in 3..{len(self.palette)}")
         if any(t not in TEXTURES for t in self.textures) or not self.textures:
             raise ValueError(f"textures must be a non-empty subset of {TEXTURES}")
 
@@ -203,7 +205,7 @@ def _shape_mask(rng, spec: DemoSpec, name: str) -> np.ndarray:
 def draw_image(spec: DemoSpec, seed: int, split: str, class_index: int, index: int):
     """The (image_size, image_size) RGB image number `index` of a class in a split."""
     rng = image_rng(seed, split, class_index, index)
-    palette = np.array(PALETTE[: spec.palette_size], dtype=np.float64)
+    palette = np.array(spec.palette[: spec.palette_size], dtype=np.float64)
     fg, bg1, bg2 = palette[rng.choice(spec.palette_size, 3, replace=False)]
     n = spec.image_size
     pattern = spec.texture_contrast * _texture(rng, spec, n)[..., None]

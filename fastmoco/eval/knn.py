@@ -25,8 +25,15 @@ def build_knn_loaders(train_root, val_root, *, crop_size, mean, std, batch_size=
     image is resized to the crop.
     """
     rank, world_size = world()
-    ev = dict(crop_size=crop_size, batch_size=batch_size, workers=workers, mean=mean, std=std,
-              rank=rank, world_size=world_size)
+    ev = dict(
+        crop_size=crop_size,
+        batch_size=batch_size,
+        workers=workers,
+        mean=mean,
+        std=std,
+        rank=rank,
+        world_size=world_size,
+    )
     if crop_size < 64:
         ev["resize_size"] = crop_size
     return build_eval_loader(train_root, **ev), build_eval_loader(val_root, **ev)
