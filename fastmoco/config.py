@@ -79,8 +79,9 @@ PRESETS: dict[str, TrainConfig] = {
     "mocov2": TrainConfig(preset="mocov2"),
     # The embedded demo: about 3 minutes on 2 CPU cores. Measured choices (README): a narrow
     # ResNet at 32 px (throughput buys epochs), m=0.9 since a 0.99 key encoder would lag
-    # most of a 400-step run, K=2048 (16 batches), shuffle BN over 4 simulated GPUs, and
-    # kNN with k=20 as the val split has only 100 images per class.
+    # most of a 400-step run, K=2048 (16 batches), shuffle BN over 4 simulated GPUs, crops
+    # of at least half the image so both views show the shape, and kNN with k=20 as the
+    # val split has only 100 images per class.
     "demo": TrainConfig(
         preset="demo",
         arch="resnet-tiny",
@@ -91,7 +92,7 @@ PRESETS: dict[str, TrainConfig] = {
         temperature=0.2,
         bn_splits=4,
         crop_size=32,
-        crop_scale=(0.3, 1.0),
+        crop_scale=(0.5, 1.0),
         mean=(0.5, 0.5, 0.5),
         std=(0.25, 0.25, 0.25),
         workers=2,
