@@ -12,6 +12,8 @@ The queue may be any (K, C) view, e.g. `buf.T` of the official (C, K) buffer.
 
 import torch
 
+from fastmoco.ops._backend import select_backend
+
 _BACKENDS = ("torch",)
 
 
@@ -24,24 +26,13 @@ def enqueue_(
     backend: None picks per device; "torch" forces the index_copy_ path. Returns queue.
     """
     _check_inputs(queue, ptr, keys)
-    _select_backend(backend)
+    select_backend(backend, _BACKENDS)
     K, B = queue.shape[0], keys.shape[0]
     with torch.no_grad():
         rows = (ptr.reshape(()) + torch.arange(B, device=queue.device)) % K  # B rows, on device
         queue.index_copy_(0, rows, keys.detach().to(queue.dtype))
         ptr.add_(B).remainder_(K)
     return queue
-
-
-def _select_backend(backend: str | None) -> str:
-    """The dispatch point: a C++/CUDA extension op (torch.ops.fastmoco.enqueue_) comes next."""
-    if backend is None:
-        return "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(
-            f"backend must be None (pick per device) or one of {_BACKENDS}, got {backend!r}"
-        )
-    return backend
 
 
 def _check_inputs(queue, ptr, keys) -> None:

@@ -48,6 +48,8 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from fastmoco.ops._backend import select_backend
+
 _BACKENDS = ("torch",)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -75,7 +77,7 @@ def info_nce(
     PyTorch path. chunk_size: negatives per streamed chunk (memory N x chunk_size).
     """
     _check_inputs(q, k, queue, temperature, reduction, chunk_size)
-    impl = _IMPLEMENTATIONS[_select_backend(backend, q.device)]
+    impl = _IMPLEMENTATIONS[select_backend(backend, _BACKENDS)]
     rows, rank = impl.apply(q, k, queue, float(temperature), normalize, chunk_size, return_stats)
     if reduction == "mean":
         loss = rows.mean()
@@ -84,17 +86,6 @@ def info_nce(
     else:
         loss = rows
     return (loss, rank) if return_stats else loss
-
-
-def _select_backend(backend: str | None, device: torch.device) -> str:
-    """The dispatch point: CUDA tensors will go to "triton" once kernels/info_nce.py lands."""
-    if backend is None:
-        return "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(
-            f"backend must be None (pick per device) or one of {_BACKENDS}, got {backend!r}"
-        )
-    return backend
 
 
 def _check_inputs(q, k, queue, temperature, reduction, chunk_size) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fastmoco.ops._backend import select_backend
+
 _BACKENDS = ("torch",)
 _BUFFER_MODES = ("skip", "copy", "ema")
 
@@ -43,24 +45,13 @@ def momentum_update_(
     """
     if buffers not in _BUFFER_MODES:
         raise ValueError(f"buffers must be one of {_BUFFER_MODES}, got {buffers!r}")
-    _select_backend(backend)
+    select_backend(backend, _BACKENDS)
     ema_pairs, copy_pairs = _pairs(target, source, buffers)
     weight = _lerp_weight(momentum, {t.device for t, _ in ema_pairs})
     with torch.no_grad():
         _lerp_grouped(ema_pairs, weight)
         for t, s in copy_pairs:
             t.copy_(s)
-
-
-def _select_backend(backend: str | None) -> str:
-    """The dispatch point: CUDA tensors will go to a Triton multi-tensor kernel."""
-    if backend is None:
-        return "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(
-            f"backend must be None (pick per device) or one of {_BACKENDS}, got {backend!r}"
-        )
-    return backend
 
 
 def _pairs(target, source, buffers: str):
