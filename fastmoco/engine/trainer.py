@@ -164,7 +164,7 @@ class Trainer:
                 std=cfg.std,
                 workers=cfg.workers,
             )
-            self.num_classes = len(scan_image_folder(train_root)[1])
+            self.num_classes = len(self.loader.classes)  # the bank is the train split
 
         self.model = MoCo(
             cfg.arch,
@@ -283,7 +283,8 @@ class Trainer:
         self.model.dequeue_and_enqueue(k)
         return loss.detach(), (rank == 0).sum()
 
-    def train_epoch(self) -> float:
+    def train_epoch(self) -> tuple[float, float]:
+        """(mean loss, pretext top-1 % on this rank) over the steps run in this epoch."""
         cfg, dev = self.cfg, self.device
         self.model.train()
         self.loader.set_epoch(self.epoch, self.step_in_epoch)
@@ -329,8 +330,8 @@ class Trainer:
                 raise _StopRequested()
         bar.close()
         n = max(steps_done, 1)
-        self.last_top1_train = 100.0 * hits.item() / (n * cfg.batch_size // self.world_size)
-        return loss_sum.item() / n
+        top1 = 100.0 * hits.item() / (n * cfg.batch_size // self.world_size)
+        return loss_sum.item() / n, top1
 
     def fit(self) -> dict:
         handlers = {}
@@ -364,7 +365,7 @@ class Trainer:
         try:
             while self.epoch < cfg.epochs:
                 t0 = time.perf_counter()
-                loss = self.train_epoch()
+                loss, train_top1 = self.train_epoch()
                 top1 = None
                 last = self.epoch + 1 == cfg.epochs
                 if cfg.knn_every > 0 and ((self.epoch + 1) % cfg.knn_every == 0 or last):
@@ -372,7 +373,7 @@ class Trainer:
                 rec = dict(
                     epoch=self.epoch,
                     loss=loss,
-                    train_top1=self.last_top1_train,
+                    train_top1=train_top1,
                     knn_top1=top1,
                     seconds=time.perf_counter() - t0,
                 )

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from fastmoco.config import TrainConfig
-from fastmoco.data import demo_dataset, scan_image_folder
+from fastmoco.data import demo_dataset
 from fastmoco.engine.checkpoint import load_checkpoint
 from fastmoco.errors import UsageError
 from fastmoco.models.moco import Encoder
@@ -51,7 +51,7 @@ def knn_command(pretrained, *, data=None, k=200, t=0.1, batch_size=256, workers=
         batch_size=batch_size,
         workers=workers,
     )
-    num_classes = len(scan_image_folder(train_root)[1])
+    num_classes = len(loaders[0].dataset.classes)
     enc.to(device)
     return knn_accuracy(
         enc.backbone, *loaders, device, num_classes=num_classes, k=k, t=t, progress=True

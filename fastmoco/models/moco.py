@@ -35,7 +35,7 @@ def projection_head(in_dim: int, dim: int, mlp_hidden: int) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """backbone -> projection head; `features()` gives the backbone output (kNN, linear eval)."""
+    """backbone -> projection head; kNN and linear eval use `backbone` alone."""
 
     def __init__(self, arch, *, dim, mlp_hidden, small_images, bn_splits):
         super().__init__()
@@ -43,9 +43,6 @@ class Encoder(nn.Module):
             arch, small_images=small_images, bn_splits=bn_splits
         )
         self.head = projection_head(feat_dim, dim, mlp_hidden)
-
-    def features(self, x):
-        return self.backbone(x)
 
     def forward(self, x):
         return self.head(self.backbone(x))
@@ -92,8 +89,8 @@ class MoCo(nn.Module):
     def to_device(self, device: torch.device) -> "MoCo":
         self.to(device)
         if self.shuffle_gen.device != device:
-            state = self.shuffle_gen.initial_seed()
-            self.shuffle_gen = torch.Generator(device=device).manual_seed(state)
+            seed = self.shuffle_gen.initial_seed()
+            self.shuffle_gen = torch.Generator(device=device).manual_seed(seed)
         return self
 
     @torch.no_grad()
