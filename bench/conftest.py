@@ -13,6 +13,15 @@ Peak extra memory, per device:
         which is what distinguishes a chunked loss from one that builds N x K logits.
 """
 
+import os
+import shutil
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before any
+# test module imports fastmoco.kernels. Without a GPU driver the kernels run in the
+# interpreter on CPU tensors (backend="triton"); with one they compile for the GPU.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import platform
 import subprocess
 import weakref

@@ -1,5 +1,14 @@
 """Shared fixtures: tiny ImageFolder trees drawn on the fly (fast, no demo generation)."""
 
+import os
+import shutil
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before any
+# test module imports fastmoco.kernels. Without a GPU driver the kernels run in the
+# interpreter on CPU tensors (backend="triton"); with one they compile for the GPU.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import numpy as np
