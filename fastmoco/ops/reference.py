@@ -96,3 +96,15 @@ def enqueue_reference(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor
     queue[: B - first] = keys[first:].to(queue.dtype)  # the wrapped-around rest
     ptr[0] = (start + B) % K
     return queue
+
+
+def contrastive_margin_loss_reference(
+    x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
+    """DrLIM (Hadsell et al. 2006, Eq. 4), one pair at a time, y = 0 similar, 1 dissimilar:
+    L = (1 - Y) 1/2 D_W^2 + Y 1/2 {max(0, m - D_W)}^2, averaged over the pairs."""
+    losses = []
+    for a, b, label in zip(x1, x2, y, strict=True):
+        D = torch.linalg.vector_norm(a - b)  # Euclidean distance D_W
+        losses.append((1 - label) * 0.5 * D**2 + label * 0.5 * torch.clamp(margin - D, min=0) ** 2)
+    return torch.stack(losses).mean()
