@@ -1,0 +1,107 @@
+r"""Optimizers: SGD (MoCo v1/v2), LARS (MoCo v3, ResNet) and AdamW (MoCo v3, ViT).
+
+LARS (You et al. 2017) as MoCo v3's official code writes it, per parameter tensor w with
+gradient g, for tensors with more than one dimension (weights of convs and linears):
+
+    d     = g + wd * w
+    ratio = eta * ||w|| / ||d||     (1 where ||w|| or ||d|| is 0; eta = trust_coefficient)
+    d     = ratio * d
+and for 1-d tensors (biases, BN/LN gammas and betas) d = g: neither the trust ratio nor
+weight decay (the paper's exclusion). Then heavy-ball momentum and the step:
+
+    mu = momentum * mu + d;   w = w - lr * mu
+
+Every line runs as one torch._foreach_* call over all tensors of a group (the norms of all
+tensors in one kernel, the ratios as one stacked tensor), not a Python loop per tensor.
+apex's fused SGD/Adam are used for SGD/AdamW when apex imports and the parameters are on
+CUDA; otherwise torch's own (fused=True on CUDA).
+"""
+
+import torch
+
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
+class LARS(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or trust_coefficient <= 0:
+            raise ValueError(
+                f"LARS: need lr >= 0, weight_decay >= 0, 0 <= momentum < 1, trust_coefficient "
+                f"> 0; got {lr}, {weight_decay}, {momentum}, {trust_coefficient}"
+            )
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            adapt = [p for p in params if p.ndim > 1]
+            plain = [p for p in params if p.ndim <= 1]
+            updates = [p.grad for p in plain]  # 1-d tensors: the raw gradient
+            if adapt:
+                updates = self._adapted([p.grad for p in adapt], adapt, group) + updates
+            mus = [self._momentum_buffer(p) for p in adapt + plain]
+            torch._foreach_mul_(mus, group["momentum"])
+            torch._foreach_add_(mus, updates)
+            torch._foreach_add_(adapt + plain, mus, alpha=-group["lr"])
+        return loss
+
+    @staticmethod
+    def _adapted(grads, params, group):
+        """d = ratio * (g + wd * w) for the >1-d tensors, all at once."""
+        d = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+        w_norm = torch.stack(torch._foreach_norm(params))
+        d_norm = torch.stack(torch._foreach_norm(d))
+        ones = torch.ones_like(w_norm)
+        ratio = torch.where(
+            w_norm > 0,
+            torch.where(d_norm > 0, group["trust_coefficient"] * w_norm / d_norm, ones),
+            ones,
+        )
+        torch._foreach_mul_(d, list(ratio.unbind()))
+        return d
+
+    def _momentum_buffer(self, p):
+        state = self.state[p]
+        if "mu" not in state:
+            state["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["mu"]
+
+
+def _apex_optimizers():
+    try:
+        import apex.optimizers
+    except ImportError:
+        return None
+    return apex.optimizers
+
+
+def build_optimizer(
+    name: str, params, *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """The optimizer of a method: sgd (v1/v2), lars (v3 ResNet), adamw (v3 ViT)."""
+    params = [p for p in params if p.requires_grad]  # a frozen patch projection stays out
+    on_cuda = bool(params) and params[0].is_cuda
+    apex = _apex_optimizers() if on_cuda else None
+    if name == "sgd":
+        if apex is not None:
+            return apex.FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=on_cuda or None
+        )
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        if apex is not None:
+            return apex.FusedAdam(params, lr=lr, weight_decay=weight_decay, adam_w_mode=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_cuda or None)
+    raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
