@@ -50,7 +50,9 @@ from torch.autograd.function import once_differentiable
 
 from fastmoco.ops._backend import select_backend
 
-_BACKENDS = ("torch",)
+_BACKENDS = ("torch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_C = 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 _NORM_EPS = 1e-12  # F.normalize's default
@@ -77,8 +79,15 @@ def info_nce(
     PyTorch path. chunk_size: negatives per streamed chunk (memory N x chunk_size).
     """
     _check_inputs(q, k, queue, temperature, reduction, chunk_size)
-    impl = _IMPLEMENTATIONS[select_backend(backend, _BACKENDS)]
-    rows, rank = impl.apply(q, k, queue, float(temperature), normalize, chunk_size, return_stats)
+    chosen = select_backend(backend, _BACKENDS, q.device)
+    if chosen == "triton" and backend is None and not _triton_takes(q, k, queue):
+        chosen = "torch"  # fp64 or very wide features: the PyTorch path serves them
+    if chosen == "triton":
+        rows, rank = _triton_rows(q, k, queue, float(temperature), normalize)
+    else:
+        rows, rank = _InfoNCETorch.apply(
+            q, k, queue, float(temperature), normalize, chunk_size, return_stats
+        )
     if reduction == "mean":
         loss = rows.mean()
     elif reduction == "sum":
@@ -130,6 +139,36 @@ def _check_inputs(q, k, queue, temperature, reduction, chunk_size) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (e.g. 4096), got {chunk_size!r}")
+
+
+def _triton_takes(*tensors) -> bool:
+    named = [t for t in tensors if t is not None]
+    return all(t.dtype in _TRITON_DTYPES for t in named) and named[0].shape[1] <= _TRITON_MAX_C
+
+
+def _triton_rows(q, k, queue, temperature, normalize, nt_xent=False):
+    """Per-row losses and ranks from the fused kernels (queue, in-batch or NT-Xent mode)."""
+    if not _triton_takes(q, k, queue):
+        raise ValueError(
+            f"backend='triton' takes float16/bfloat16/float32 inputs with C <= {_TRITON_MAX_C}; "
+            "cast the inputs or use backend='torch'"
+        )
+    import os
+
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {q.device}); on a CPU run it under "
+            "Triton's interpreter: set TRITON_INTERPRET=1 before anything imports triton"
+        )
+    from fastmoco.ops._info_nce_fused import fused_rows
+
+    if nt_xent:  # q holds the 2N views; the positive of row i is row (i + N) mod 2N
+        half = q.shape[0] // 2
+        pairs = torch.cat([q[half:], q[:half]])
+        return fused_rows(q, pairs, q, temperature, normalize, normalize, True, half)
+    if queue is None:
+        return fused_rows(q, k, k, temperature, normalize, normalize, True)
+    return fused_rows(q, k, queue, temperature, normalize, False, False)
 
 
 def _accumulation_dtype(*tensors) -> torch.dtype:
@@ -250,6 +289,3 @@ class _InfoNCETorch(torch.autograd.Function):
             d_q = _unit_rows_backward(d_qn, qn, q_norm).to(q.dtype) if need_q else None
             d_k = _unit_rows_backward(d_kn, kn, k_norm).to(k.dtype) if need_k else None
         return d_q, d_k, d_queue, None, None, None, None
-
-
-_IMPLEMENTATIONS = {"torch": _InfoNCETorch}

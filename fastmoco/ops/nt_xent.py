@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from fastmoco.ops._backend import select_backend
-from fastmoco.ops.info_nce import _accumulation_dtype, _autocast_off, _check_inputs
+from fastmoco.ops.info_nce import (
+    _accumulation_dtype,
+    _autocast_off,
+    _check_inputs,
+    _triton_rows,
+    _triton_takes,
+)
 
 _BACKENDS = ("torch", "triton")
 
@@ -40,10 +46,11 @@ def nt_xent(
     """
     _check_inputs(z1, z2, None, temperature, reduction, 1)
     z = torch.cat([z1, z2], dim=0)  # 2NxC
-    if select_backend(backend, _BACKENDS, z.device) == "triton":
-        from fastmoco.ops.info_nce import _triton_rows
-
-        rows, rank = _triton_rows(z, None, None, float(temperature), normalize, return_stats, True)
+    chosen = select_backend(backend, _BACKENDS, z.device)
+    if chosen == "triton" and backend is None and not _triton_takes(z):
+        chosen = "torch"
+    if chosen == "triton":
+        rows, rank = _triton_rows(z, z, None, float(temperature), normalize, nt_xent=True)
     else:
         rows, rank = _nt_xent_torch(z, float(temperature), normalize, return_stats)
     if reduction == "mean":

@@ -74,6 +74,20 @@ def info_nce_logits_reference(
     return logits, torch.zeros(N, dtype=torch.long, device=q.device)
 
 
+def nt_xent_reference(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, reduction: str = "mean"
+) -> torch.Tensor:
+    """SimCLR's NT-Xent over the 2N views: row i's positive is its other view, its
+    negatives the remaining 2N - 2 rows (the similarity with itself is left out)."""
+    dtype = _accumulation_dtype(z1, z2)
+    z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # 2NxC
+    N2 = z.shape[0]
+    logits = torch.einsum("nc,mc->nm", z, z) / temperature  # logits: 2Nx2N
+    logits = logits.masked_fill(torch.eye(N2, dtype=torch.bool, device=z.device), float("-inf"))
+    labels = (torch.arange(N2, device=z.device) + N2 // 2) % N2  # the other view of the image
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
 @torch.no_grad()
 def momentum_update_reference(
     target_tensors: Sequence[torch.Tensor], source_tensors: Sequence[torch.Tensor], m: float

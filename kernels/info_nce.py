@@ -1,0 +1,339 @@
+r"""Fused InfoNCE in Triton: normalize + logits + logsumexp over the negatives, forward and
+backward, never holding an N x K block larger than one tile.
+
+Math (the op's docstring in fastmoco/ops/info_nce.py has the full derivation). Rows q_i
+(N, C), their positives p_i (N, C) and a stream of negatives n_j (M rows of C): the queue,
+or the keys themselves for in-batch negatives. With rq_i = 1/max(||q_i||, eps) (and rp, rn
+likewise, or 1 when that side is not normalised):
+
+    s_i+  = <q_i, p_i> rq_i rp_i / T
+    s_ij  = <q_i, n_j> rq_i rn_j / T       j in the stream, minus excluded columns
+    lse_i = log(exp(s_i+) + sum_j exp(s_ij)),   L_i = lse_i - s_i+
+    rank_i = #{j : s_ij > s_i+}
+
+Excluded columns make the three modes one kernel: the queue (nothing excluded), in-batch
+(stream = p, column i is the positive: exclude j == i), and SimCLR's NT-Xent (stream = z =
+[z1; z2], p = the paired view: exclude j == i and j == (i + N/2) mod M).
+
+Work split. N is small in MoCo (256 per GPU gives 2-4 row tiles), so the grid also splits
+the stream: program (row tile, split) reads keys [split * KEYS_PER_SPLIT, ...) and writes
+its partial (max, sum-exp, count) per row; the launcher merges the splits in O(N * splits).
+The running max is kept (not pinned at 1/T) because the queue's rows are the caller's and
+need not be unit vectors; it costs one max and one rescale per tile.
+
+Backward recomputes each tile's logits from the saved lse:
+  _dq_kernel      (row tile, split): sum_j p_ij nhat_j into a (splits, N, C) fp32 buffer;
+                  the launcher adds the positive's term and the normalisation Jacobian.
+  _dstream_kernel (key tile): dn_j = Jacobian(sum_i g_i/T p_ij qhat_i), looping over all
+                  rows, written once in the stream's dtype; launched only when it is needed.
+
+Cost model (F = N * M * C): forward 2F flops + N*M exp, reads the stream once per row tile;
+dq 4F; dstream 4F. Extra memory: O(N * splits * C), never N x M.
+
+Precision: loads in the inputs' dtypes, tl.dot accumulates in fp32; fp32 dots use TF32 only
+when torch.backends.cuda.matmul.allow_tf32 is on (as torch.matmul does). Mixed input dtypes
+are cast to fp32 in registers. Under TRITON_INTERPRET=1 bf16 dots are wrong, so the
+launcher casts to fp32 in registers there (bf16 loads are still exercised).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_EPS = 1e-12  # F.normalize's eps
+_MAX_SPLITS = 32  # caps the (splits, N, C) fp32 buffer of dq at 32 * N * C * 4 bytes
+
+
+def _configs(block_n, block_k, warps, stages):
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn in block_n
+        for bk in block_k
+        for w in warps
+        for s in stages
+    ]
+
+
+if _INTERPRET:
+    _ROW_CONFIGS = _configs([16], [16], [1], [1])
+    _KEY_CONFIGS = _ROW_CONFIGS
+else:
+    _ROW_CONFIGS = _configs([32, 64, 128], [64, 128], [4, 8], [2, 3])
+    _KEY_CONFIGS = _configs([32, 64], [64, 128], [4, 8], [2, 3])
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep tiles whose operands fit in registers: BLOCK_C is up to 512."""
+    block_c = kwargs.get("BLOCK_C", named_args.get("BLOCK_C"))
+    kept = [c for c in configs if max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) * block_c <= 16384]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _tile_logits(
+    q_raw, scale_q, rows, S, stride_sm, stride_sc, j, cols_c, M, C, shift,
+    NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_SHIFT: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """s (BLOCK_N, BLOCK_K) fp32 for stream rows j, -inf where excluded; the raw tile
+    (BLOCK_C, BLOCK_K) and its inverse norms, reused by the backward kernels."""
+    mask_j = j < M
+    kt = tl.load(
+        S + j[None, :] * stride_sm + cols_c[:, None] * stride_sc,
+        mask=mask_j[None, :] & (cols_c[:, None] < C),
+        other=0.0,
+    )
+    if NORM_S:
+        kt32 = kt.to(tl.float32)
+        rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(kt32 * kt32, axis=0)), 1e-12)
+    else:
+        rk = tl.full([j.shape[0]], 1.0, tl.float32)
+    if DOT_F32:
+        dot = tl.dot(q_raw.to(tl.float32), kt.to(tl.float32), input_precision=PRECISION)
+    else:
+        dot = tl.dot(q_raw, kt, input_precision=PRECISION)
+    s = dot * scale_q[:, None] * rk[None, :]
+    valid = mask_j[None, :]
+    if EXCL_SELF:
+        valid = valid & (j[None, :] != rows[:, None])
+    if EXCL_SHIFT:
+        valid = valid & (j[None, :] != (rows[:, None] + shift) % M)
+    return tl.where(valid, s, float("-inf")), kt, rk
+
+
+@triton.jit
+def _load_rows(X, stride_xn, stride_xc, rows, cols_c, N, C, NORM: tl.constexpr):
+    """A (BLOCK_N, BLOCK_C) tile in its dtype and the rows' inverse norms (fp32)."""
+    x = tl.load(
+        X + rows[:, None] * stride_xn + cols_c[None, :] * stride_xc,
+        mask=(rows[:, None] < N) & (cols_c[None, :] < C),
+        other=0.0,
+    )
+    if NORM:
+        x32 = x.to(tl.float32)
+        r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x32 * x32, axis=1)), 1e-12)
+    else:
+        r = tl.full([rows.shape[0]], 1.0, tl.float32)
+    return x, r
+
+
+@triton.autotune(
+    configs=_ROW_CONFIGS, key=["N", "M", "BLOCK_C"], prune_configs_by={"early_config_prune": _prune}
+)
+@triton.jit
+def _forward_kernel(
+    Q, P, S, MAX_OUT, SUM_OUT, COUNT_OUT, POS_OUT,
+    N, M, C, inv_T, keys_per_split, shift,
+    stride_qn, stride_qc, stride_pn, stride_pc, stride_sm, stride_sc,
+    NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
+    EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_c = tl.arange(0, BLOCK_C)
+    q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
+    p, rp = _load_rows(P, stride_pn, stride_pc, rows, cols_c, N, C, NORM_QP)
+    scale_q = rq * inv_T
+    s_pos = tl.sum(q.to(tl.float32) * p.to(tl.float32), axis=1) * scale_q * rp
+
+    # Online logsumexp; split 0 starts from the positive's term, the others from nothing
+    # (a finite floor, so that a split whose every column is excluded never makes nan).
+    if split == 0:
+        run_max = s_pos
+        run_sum = tl.full([BLOCK_N], 1.0, tl.float32)
+    else:
+        run_max = tl.full([BLOCK_N], -1e30, tl.float32)
+        run_sum = tl.zeros([BLOCK_N], tl.float32)
+    count = tl.zeros([BLOCK_N], tl.int32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, M)
+    for j0 in range(start, end, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        s, kt, rk = _tile_logits(
+            q, scale_q, rows, S, stride_sm, stride_sc, tl.where(j < end, j, M), cols_c, M, C,
+            shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION,
+        )  # fmt: skip
+        count += tl.sum((s > s_pos[:, None]).to(tl.int32), axis=1)
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        run_max = new_max
+
+    mask_n = rows < N
+    tl.store(MAX_OUT + split * N + rows, run_max, mask=mask_n)
+    tl.store(SUM_OUT + split * N + rows, run_sum, mask=mask_n)
+    tl.store(COUNT_OUT + split * N + rows, count, mask=mask_n)
+    if split == 0:
+        tl.store(POS_OUT + rows, s_pos, mask=mask_n)
+
+
+@triton.autotune(
+    configs=_ROW_CONFIGS, key=["N", "M", "BLOCK_C"], prune_configs_by={"early_config_prune": _prune}
+)
+@triton.jit
+def _dq_kernel(
+    Q, S, LSE, DQ_PART,
+    N, M, C, inv_T, keys_per_split, shift,
+    stride_qn, stride_qc, stride_sm, stride_sc,
+    NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
+    EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    PROB_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """DQ_PART[split, i] = sum_{j in split} p_ij nhat_j (fp32)."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_c = tl.arange(0, BLOCK_C)
+    mask_n = rows < N
+    q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
+    lse = tl.load(LSE + rows, mask=mask_n, other=0.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, M)
+    for j0 in range(start, end, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        s, kt, rk = _tile_logits(
+            q, rq * inv_T, rows, S, stride_sm, stride_sc, tl.where(j < end, j, M), cols_c, M,
+            C, shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION,
+        )  # fmt: skip
+        prob = tl.exp(s - lse[:, None]) * rk[None, :]  # p_ij / ||n_j||: nhat_j = n_j rk_j
+        if PROB_F32:
+            acc += tl.dot(prob, tl.trans(kt.to(tl.float32)), input_precision=PRECISION)
+        else:
+            acc += tl.dot(prob.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    offs = split * N * C + rows[:, None] * C + cols_c[None, :]
+    tl.store(DQ_PART + offs, acc, mask=mask_n[:, None] & (cols_c[None, :] < C))
+
+
+@triton.autotune(
+    configs=_KEY_CONFIGS, key=["N", "M", "BLOCK_C"], prune_configs_by={"early_config_prune": _prune}
+)
+@triton.jit
+def _dstream_kernel(
+    Q, S, LSE, G, DS,
+    N, M, C, inv_T, shift,
+    stride_qn, stride_qc, stride_sm, stride_sc, stride_dm, stride_dc,
+    NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
+    EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    PROB_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """DS[j] = d loss / d n_j = Jacobian_j(sum_i G_i / T p_ij qhat_i), one key tile each."""
+    j = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols_c = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_K, BLOCK_C], tl.float32)
+    for i0 in range(0, N, BLOCK_N):
+        rows = i0 + tl.arange(0, BLOCK_N)
+        mask_n = rows < N
+        q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
+        lse = tl.load(LSE + rows, mask=mask_n, other=0.0)
+        g = tl.load(G + rows, mask=mask_n, other=0.0)
+        s, kt, rk = _tile_logits(
+            q, rq * inv_T, rows, S, stride_sm, stride_sc, j, cols_c, M, C, shift,
+            NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION,
+        )  # fmt: skip
+        coef = tl.exp(s - lse[:, None]) * (g * inv_T * rq)[:, None]  # g_i p_ij / (T ||q_i||)
+        if PROB_F32:
+            acc += tl.dot(tl.trans(coef), q.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(tl.trans(coef.to(q.dtype)), q, input_precision=PRECISION)
+    mask = (j[:, None] < M) & (cols_c[None, :] < C)
+    n = tl.load(S + j[:, None] * stride_sm + cols_c[None, :] * stride_sc, mask=mask, other=0.0)
+    n = n.to(tl.float32)
+    if NORM_S:  # through n -> n / max(||n||, eps): drop the radial part, divide by the norm
+        norm = tl.sqrt(tl.sum(n * n, axis=1))
+        rn = 1.0 / tl.maximum(norm, 1e-12)
+        radial = tl.where(norm > 1e-12, tl.sum(n * rn[:, None] * acc, axis=1), 0.0)
+        acc = (acc - n * rn[:, None] * radial[:, None]) * rn[:, None]
+    tl.store(DS + j[:, None] * stride_dm + cols_c[None, :] * stride_dc, acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+def _flags(q, p, s, norm_qp, norm_s, excl_self, shift, backward=False):
+    dtypes = {q.dtype, p.dtype, s.dtype}
+    dot_f32 = len(dtypes) > 1 or (_INTERPRET and torch.bfloat16 in dtypes)
+    # Backward's probabilities go through the dot in fp32 for fp16 inputs: p_ij ~ 1/K is
+    # below fp16's normal range (6e-5) for any real queue. bf16 has fp32's range.
+    prob_f32 = dot_f32 or torch.float16 in dtypes
+    fp32_dot = prob_f32 or torch.float32 in dtypes
+    tf32 = q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    precision = "tf32" if (fp32_dot and tf32) else "ieee"
+    extra = dict(PROB_F32=prob_f32) if backward else {}
+    return dict(
+        **extra,
+        NORM_QP=norm_qp,
+        NORM_S=norm_s,
+        EXCL_SELF=excl_self,
+        EXCL_SHIFT=shift >= 0,
+        DOT_F32=dot_f32,
+        PRECISION=precision,
+        BLOCK_C=max(16, triton.next_power_of_2(q.shape[1])),
+    )
+
+
+def _splits(N, M, device):
+    """Splits along the stream: enough programs to fill the GPU when N gives few row tiles."""
+    if device.type != "cuda":  # the interpreter: two splits, so that merging is tested
+        splits, align = (2 if M > 32 else 1), 16
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        row_tiles = triton.cdiv(N, 64)
+        splits = max(1, min(_MAX_SPLITS, triton.cdiv(2 * sms, row_tiles), triton.cdiv(M, 256)))
+        align = 128
+    per_split = triton.cdiv(triton.cdiv(M, splits), align) * align
+    return triton.cdiv(M, per_split), per_split
+
+
+def forward(q, p, s, inv_T, norm_qp, norm_s, excl_self, shift):
+    """(rows (N,) fp32 loss, lse (N,) fp32, rank (N,) int64) for stream s (M, C)."""
+    N, C = q.shape
+    M = s.shape[0]
+    splits, per_split = _splits(N, M, q.device)
+    run_max = torch.empty(splits, N, device=q.device, dtype=torch.float32)
+    run_sum = torch.empty_like(run_max)
+    count = torch.empty(splits, N, device=q.device, dtype=torch.int32)
+    s_pos = torch.empty(N, device=q.device, dtype=torch.float32)
+    flags = _flags(q, p, s, norm_qp, norm_s, excl_self, shift)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
+    _forward_kernel[grid](
+        q, p, s, run_max, run_sum, count, s_pos,
+        N, M, C, inv_T, per_split, max(shift, 0),
+        *q.stride(), *p.stride(), *s.stride(), **flags,
+    )  # fmt: skip
+    top = run_max.amax(dim=0)
+    lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
+    return lse - s_pos, lse, count.sum(dim=0, dtype=torch.int64)
+
+
+def backward_dq(q, s, lse, inv_T, norm_qp, norm_s, excl_self, shift):
+    """sum_j p_ij nhat_j (N, C) fp32: the stream's part of d loss / d qhat, before g_i / T."""
+    N, C = q.shape
+    M = s.shape[0]
+    splits, per_split = _splits(N, M, q.device)
+    part = torch.empty(splits, N, C, device=q.device, dtype=torch.float32)
+    flags = _flags(q, q, s, norm_qp, norm_s, excl_self, shift, backward=True)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
+    _dq_kernel[grid](
+        q, s, lse, part, N, M, C, inv_T, per_split, max(shift, 0),
+        *q.stride(), *s.stride(), **flags,
+    )  # fmt: skip
+    return part.sum(dim=0) if splits > 1 else part[0]
+
+
+def backward_dstream(q, s, lse, g, inv_T, norm_qp, norm_s, excl_self, shift):
+    """d loss / d s (M, C) in s's dtype, given g_i = d loss / d L_i (N,) fp32."""
+    N, C = q.shape
+    M = s.shape[0]
+    ds = torch.empty(s.shape, device=s.device, dtype=s.dtype)
+    flags = _flags(q, q, s, norm_qp, norm_s, excl_self, shift, backward=True)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_K"]),)
+    _dstream_kernel[grid](
+        q, s, lse, g, ds, N, M, C, inv_T, max(shift, 0),
+        *q.stride(), *s.stride(), *ds.stride(), **flags,
+    )  # fmt: skip
+    return ds
