@@ -7,7 +7,8 @@ Install with torch already present and without build isolation, so the C++/CUDA 
     pip install --no-build-isolation -e ".[dev]"
 
 FASTMOCO_BUILD_CUDA=1 forces the CUDA part of the extension, =0 skips it; unset, it is built
-when torch has CUDA and nvcc is found. FASTMOCO_BUILD_EXT=0 skips the extension entirely.
+when torch has CUDA and CUDA_HOME holds nvcc and lib/libcudart.so (set CUDA_HOME to the
+toolkit, e.g. /usr/local/cuda, when `which nvcc` is only a wrapper). FASTMOCO_BUILD_EXT=0 skips the extension entirely.
 """
 
 import glob
@@ -16,6 +17,17 @@ import os
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_toolkit(cuda_home: str | None) -> bool:
+    """nvcc and a linkable libcudart under CUDA_HOME. torch guesses CUDA_HOME from `which
+    nvcc`, which can be a wrapper in /usr/local/bin with no toolkit beside it: then the
+    CUDA build would compile and fail to link, so the automatic choice builds CPU only."""
+    if cuda_home is None:
+        return False
+    libs = [os.path.join(cuda_home, d, "libcudart.so") for d in ("lib64", "lib")]
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    return os.path.exists(nvcc) and any(os.path.exists(lib) for lib in libs)
 
 
 def _extensions():
@@ -28,7 +40,7 @@ def _extensions():
 
     want_cuda = os.environ.get("FASTMOCO_BUILD_CUDA")
     use_cuda = (want_cuda == "1") or (
-        want_cuda is None and torch.version.cuda is not None and CUDA_HOME is not None
+        want_cuda is None and torch.version.cuda is not None and _cuda_toolkit(CUDA_HOME)
     )
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if use_cuda and cu:

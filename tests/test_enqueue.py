@@ -1,13 +1,28 @@
-"""enqueue_ against the host-pointer reference (fastmoco.ops.reference): a copy, so exact."""
+"""enqueue_ against the host-pointer reference (fastmoco.ops.reference): a copy, so exact.
+
+The torch path (default on CPU) and the C++ extension's op torch.ops.fastmoco.enqueue_
+(backend="cuda": its CPU kernel here, its CUDA kernel on a GPU) run the same checks.
+"""
 
 import random
+import warnings
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastmoco.ops.enqueue as enqueue_module
 from fastmoco.ops import enqueue_
 from fastmoco.ops.reference import enqueue_reference
+
+HAS_EXT = enqueue_module.extension_op() is not None
+needs_ext = pytest.mark.skipif(
+    not HAS_EXT, reason='fastmoco._C not built (pip install --no-build-isolation -e ".[dev]")'
+)
+needs_cuda_ext = pytest.mark.skipif(
+    not (torch.cuda.is_available() and enqueue_module.extension_has_cuda()),
+    reason="no CUDA device, or fastmoco._C built without its CUDA kernel",
+)
 
 
 def assert_equal(actual, expected, name, show=5):
@@ -133,5 +148,174 @@ def test_errors_write_nothing(args, match):
 
 
 def test_bad_backend():
-    with pytest.raises(ValueError, match=r"backend must be None .* \('torch',\)"):
-        enqueue_(**_args(), backend="cuda")
+    with pytest.raises(ValueError, match=r"backend must be None .* \('torch', 'cuda'\)"):
+        enqueue_(**_args(), backend="triton")
+
+
+# ---- the C++/CUDA extension op ------------------------------------------------------------
+
+
+def _check_against_reference(device, K, C, dtype, layout, backend, seed):
+    """Random batch sizes, B == K and B == 1 included, vs the reference: exact."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    queue = make_queue(K, C, layout, dtype).to(device)
+    want = make_queue(K, C, layout, dtype)
+    ptr = torch.zeros(1, dtype=torch.long, device=device)
+    want_ptr = torch.zeros(1, dtype=torch.long)
+    queue.fill_(float("nan"))  # poison: every row must be written by the time it is compared
+    want.fill_(float("nan"))
+    sizes = [K, 1, max(K - 1, 1), min(2, K)] + [rng.randint(1, K) for _ in range(12)]
+    for step, B in enumerate(sizes):
+        keys = torch.randn(B, C).to(dtype)
+        enqueue_(queue, ptr, keys.to(device), backend=backend)
+        enqueue_reference(want, want_ptr, keys)
+        got = queue.cpu()
+        assert torch.equal(got.isnan(), want.isnan()), f"step {step} (B={B}): rows written"
+        assert_equal(got.nan_to_num(), want.nan_to_num(), name=f"queue after step {step} (B={B})")
+        assert_equal(ptr.cpu(), want_ptr, name=f"ptr after step {step} (B={B})")
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,C", [(1, 4), (7, 3), (64, 16)])
+def test_extension_cpu_op_matches_reference(K, C, dtype, layout):
+    _check_against_reference("cpu", K, C, dtype, layout, "cuda", seed=K * 100 + C)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,C", [(1, 4), (7, 3), (4096, 128)])
+def test_extension_cuda_op_matches_reference(K, C, dtype, layout):
+    _check_against_reference("cuda", K, C, dtype, layout, "cuda", seed=K * 100 + C)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_extension_cuda_op_passes_opcheck():
+    for args in _op_samples("cuda"):
+        torch.library.opcheck(torch.ops.fastmoco.enqueue_.default, args)
+
+
+def _op_samples(device):
+    gen = torch.Generator().manual_seed(5)
+    for K, C, B, start, dtype in [
+        (8, 4, 3, 0, torch.float32),
+        (8, 4, 5, 6, torch.float32),  # wraps
+        (8, 4, 8, 3, torch.bfloat16),  # B == K
+        (5, 2, 1, 4, torch.float16),
+    ]:
+        queue = torch.randn(K, C, generator=gen).to(dtype).to(device)
+        keys = torch.randn(B, C, generator=gen).to(dtype).to(device)
+        yield queue, torch.tensor([start], device=device), keys
+    buf = torch.randn(4, 9, generator=gen).to(device)  # the official (C, K) layout, as buf.T
+    yield buf.T, torch.tensor([7], device=device), torch.randn(4, 4, generator=gen).to(device)
+
+
+@needs_ext
+def test_extension_op_passes_opcheck():
+    """Schema (mutated args), fake kernel, autograd registration, aot_dispatch: for compile."""
+    for args in _op_samples("cpu"):
+        torch.library.opcheck(torch.ops.fastmoco.enqueue_.default, args)
+
+
+@needs_ext
+def test_extension_op_under_torch_compile():
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(queue, ptr, keys):
+        torch.ops.fastmoco.enqueue_(queue, ptr, keys * 2)
+
+    queue, ptr = torch.zeros(7, 3), torch.tensor([5])
+    want, want_ptr = torch.zeros(7, 3), torch.tensor([5])
+    for B in (4, 7, 2):
+        keys = torch.randn(B, 3)
+        step(queue, ptr, keys)
+        enqueue_reference(want, want_ptr, keys * 2)
+        assert_equal(queue, want, f"compiled, B={B}")
+        assert_equal(ptr, want_ptr, f"compiled ptr, B={B}")
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "queue,ptr,keys,match",
+    [
+        (torch.zeros(8, 4), torch.zeros(1, dtype=torch.long), torch.ones(9, 4), "B = 9 rows but"),
+        (torch.zeros(8, 4), torch.zeros(1, dtype=torch.long), torch.ones(3, 5), "C = 5 columns"),
+        (torch.zeros(8, 4), torch.zeros(1, dtype=torch.long), torch.ones(3, 4).half(), "dtype"),
+        (torch.zeros(8, 4), torch.zeros(1, dtype=torch.int32), torch.ones(3, 4), "1-element int64"),
+        (torch.zeros(8, 4), torch.zeros(2, dtype=torch.long), torch.ones(3, 4), "1-element int64"),
+        (torch.zeros(32), torch.zeros(1, dtype=torch.long), torch.ones(3, 4), "2-D"),
+        (torch.zeros(0, 4), torch.zeros(1, dtype=torch.long), torch.ones(0, 4), "K = 0"),
+    ],
+)
+def test_extension_op_rejects_bad_input_and_writes_nothing(queue, ptr, keys, match):
+    """The op checks its input itself (for callers that skip enqueue_'s Python checks)."""
+    queue_before, ptr_before = queue.clone(), ptr.clone()
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastmoco.enqueue_(queue, ptr, keys)
+    assert torch.equal(queue, queue_before) and torch.equal(ptr, ptr_before)
+
+
+@needs_ext
+def test_extension_backend_reports_wrong_pointer_device():
+    with pytest.raises(ValueError, match="ptr is on meta but the queue is on cpu"):
+        enqueue_(**_args(ptr=torch.zeros(1, dtype=torch.long, device="meta")), backend="cuda")
+
+
+@needs_ext
+def test_extension_pointer_is_never_read_on_the_host():
+    queue, ptr = torch.zeros(8, 3), torch.zeros(1, dtype=torch.long)
+    with NoHostSync():  # the op is one dispatcher call; its kernel reads ptr in C++
+        for B in (3, 5, 8):
+            enqueue_(queue, ptr, torch.randn(B, 3), backend="cuda")
+    assert int(ptr) == 0
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(enqueue_module, "extension_op", lambda: None)
+    enqueue_module._warn_fallback.cache_clear()
+    queue, ptr = torch.zeros(5, 2), torch.tensor([3])
+    with pytest.warns(RuntimeWarning, match="fastmoco._C is not built"):
+        enqueue_(queue, ptr, torch.arange(8.0).reshape(4, 2), backend="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        enqueue_(queue, ptr, torch.zeros(1, 2), backend="cuda")
+    want = torch.tensor([[4.0, 5], [6, 7], [0, 0], [0, 1], [2, 3]])
+    want[2] = 0
+    assert_equal(queue, want, "queue")
+    assert ptr.tolist() == [3]
+    enqueue_module._warn_fallback.cache_clear()
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_default_backend_captures_in_a_cuda_graph():
+    """The pointer lives on the device: replaying one captured step keeps advancing it."""
+    K, C, B = 10, 4, 3
+    queue = torch.zeros(K, C, device="cuda")
+    ptr = torch.zeros(1, dtype=torch.long, device="cuda")
+    keys = torch.zeros(B, C, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        enqueue_(queue, ptr, keys)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    queue.zero_(), ptr.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        enqueue_(queue, ptr, keys)
+    want, want_ptr = torch.zeros(K, C), torch.zeros(1, dtype=torch.long)
+    for _ in range(7):
+        new_keys = torch.randn(B, C)
+        keys.copy_(new_keys)
+        graph.replay()
+        enqueue_reference(want, want_ptr, new_keys)
+    torch.cuda.synchronize()
+    assert_equal(queue.cpu(), want, "queue after 7 replays")
+    assert_equal(ptr.cpu(), want_ptr, "ptr after 7 replays")

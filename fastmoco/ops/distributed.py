@@ -1,11 +1,13 @@
 """Collectives the MoCo step needs, as no-op passthroughs when not distributed.
 
-Neither is differentiable: both are used on keys and key images, which never need a
+None is differentiable: they move keys and key images, which never need a
 gradient (the key encoder is updated by momentum, not by backprop).
 """
 
 import torch
 import torch.distributed as dist
+
+from fastmoco.ops.enqueue import enqueue_
 
 
 def world() -> tuple[int, int]:
@@ -29,3 +31,15 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, x)
     return out
+
+
+@torch.no_grad()
+def gather_and_enqueue_(
+    queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """MoCo's dequeue-and-enqueue across ranks: all_gather the keys (B, C) of every rank into
+    one (world_size * B, C) buffer, rank order, and enqueue them all on every rank, so that
+    all queues and pointers stay identical without broadcasting the queue.
+    Every rank must pass the same B; world_size * B <= K.
+    """
+    return enqueue_(queue, ptr, all_gather_cat(keys.detach()), backend=backend)

@@ -8,13 +8,60 @@ device from ptr, so nothing is read back, and any 1 <= B <= K works: a batch tha
 the end of the queue wraps around to its start. B <= K keeps the indices distinct, so the
 write is well defined. keys are cast to the queue's dtype (an fp32 queue fed bf16 keys).
 The queue may be any (K, C) view, e.g. `buf.T` of the official (C, K) buffer.
+
+Backends: "cuda" is the C++/CUDA extension op torch.ops.fastmoco.enqueue_ (csrc/: a CPU
+kernel always, a CUDA kernel when built with CUDA), the default for CUDA tensors; "torch" is
+index_copy_ with device-computed rows, the default for CPU tensors and the fallback, with a
+one-time warning, when the extension was not built. Both run without a host sync.
 """
+
+import functools
+import warnings
 
 import torch
 
 from fastmoco.ops._backend import select_backend
 
-_BACKENDS = ("torch",)
+_BACKENDS = ("torch", "cuda")
+
+
+@functools.cache
+def extension_op():
+    """torch.ops.fastmoco.enqueue_ from the built extension (fastmoco._C), or None."""
+    try:
+        import fastmoco._C  # noqa: F401  (loading it registers the op)
+    except ImportError:
+        return None
+    op = torch.ops.fastmoco.enqueue_.default
+
+    # The fake (meta) kernel torch.compile traces with: the op only mutates its inputs.
+    @torch.library.register_fake("fastmoco::enqueue_")
+    def _(queue, ptr, keys):
+        return None
+
+    return op
+
+
+# Loaded at import, so the fake kernel is registered before anything is traced or compiled.
+extension_op()
+
+
+@functools.cache
+def extension_has_cuda() -> bool:
+    """The extension was built with its CUDA kernel (FASTMOCO_WITH_CUDA)."""
+    return extension_op() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastmoco::enqueue_", "CUDA"
+    )
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(
+        f"fastmoco: {reason}; enqueue_ uses the PyTorch path (index_copy_) instead. Rebuild "
+        'with: pip install --no-build-isolation -e ".[dev]" (see setup.py for the CUDA switch)',
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def enqueue_(
@@ -23,16 +70,32 @@ def enqueue_(
     """Write keys (B, C) into queue (K, C) at rows ptr, ptr+1, ... modulo K; advance ptr.
 
     ptr: 1-element int64 tensor on the queue's device, updated in place to (ptr + B) % K.
-    backend: None picks per device; "torch" forces the index_copy_ path. Returns queue.
+    backend: None picks per device (CUDA: "cuda", CPU: "torch"); "cuda" forces the extension
+    op (its CPU kernel for CPU tensors), "torch" the index_copy_ path. Returns queue.
     """
     _check_inputs(queue, ptr, keys)
-    select_backend(backend, _BACKENDS)
+    if _extension_usable(select_backend(backend, _BACKENDS, queue.device), queue.device):
+        extension_op()(queue, ptr, keys.detach().to(queue.dtype))
+        return queue
     K, B = queue.shape[0], keys.shape[0]
     with torch.no_grad():
         rows = (ptr.reshape(()) + torch.arange(B, device=queue.device)) % K  # B rows, on device
         queue.index_copy_(0, rows, keys.detach().to(queue.dtype))
         ptr.add_(B).remainder_(K)
     return queue
+
+
+def _extension_usable(backend: str, device: torch.device) -> bool:
+    """backend == "cuda" and the extension can run on device; else warn once (torch path)."""
+    if backend != "cuda":
+        return False
+    if extension_op() is None:
+        _warn_fallback("the C++/CUDA extension fastmoco._C is not built")
+        return False
+    if device.type == "cuda" and not extension_has_cuda():
+        _warn_fallback("the extension fastmoco._C was built without its CUDA kernel")
+        return False
+    return device.type in ("cpu", "cuda")
 
 
 def _check_inputs(queue, ptr, keys) -> None:
