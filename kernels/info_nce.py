@@ -36,6 +36,7 @@ are cast to fp32 in registers. Under TRITON_INTERPRET=1 bf16 dots are wrong, so 
 launcher casts to fp32 in registers there (bf16 loads are still exercised).
 """
 
+import functools
 import os
 
 import torch
@@ -63,6 +64,11 @@ if _INTERPRET:
 else:
     _ROW_CONFIGS = _configs([32, 64, 128], [64, 128], [4, 8], [2, 3])
     _KEY_CONFIGS = _configs([32, 64], [64, 128], [4, 8], [2, 3])
+
+
+# Autotuning keys: sizes and the modes that change the work (tensor dtypes are added by
+# Triton itself).
+_TUNE_KEY = ["N", "M", "BLOCK_C", "NORM_S", "EXCL_SELF", "DOT_F32"]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -121,7 +127,7 @@ def _load_rows(X, stride_xn, stride_xc, rows, cols_c, N, C, NORM: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_ROW_CONFIGS, key=["N", "M", "BLOCK_C"], prune_configs_by={"early_config_prune": _prune}
+    configs=_ROW_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
 )
 @triton.jit
 def _forward_kernel(
@@ -171,7 +177,7 @@ def _forward_kernel(
 
 
 @triton.autotune(
-    configs=_ROW_CONFIGS, key=["N", "M", "BLOCK_C"], prune_configs_by={"early_config_prune": _prune}
+    configs=_ROW_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
 )
 @triton.jit
 def _dq_kernel(
@@ -180,7 +186,7 @@ def _dq_kernel(
     stride_qn, stride_qc, stride_sm, stride_sc,
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    PROB_F32: tl.constexpr,
+    PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """DQ_PART[split, i] = sum_{j in split} p_ij nhat_j (fp32)."""
@@ -201,15 +207,15 @@ def _dq_kernel(
         )  # fmt: skip
         prob = tl.exp(s - lse[:, None]) * rk[None, :]  # p_ij / ||n_j||: nhat_j = n_j rk_j
         if PROB_F32:
-            acc += tl.dot(prob, tl.trans(kt.to(tl.float32)), input_precision=PRECISION)
+            acc += tl.dot(prob, tl.trans(kt.to(tl.float32)), input_precision=PROB_PRECISION)
         else:
-            acc += tl.dot(prob.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+            acc += tl.dot(prob.to(kt.dtype), tl.trans(kt), input_precision=PROB_PRECISION)
     offs = split * N * C + rows[:, None] * C + cols_c[None, :]
     tl.store(DQ_PART + offs, acc, mask=mask_n[:, None] & (cols_c[None, :] < C))
 
 
 @triton.autotune(
-    configs=_KEY_CONFIGS, key=["N", "M", "BLOCK_C"], prune_configs_by={"early_config_prune": _prune}
+    configs=_KEY_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
 )
 @triton.jit
 def _dstream_kernel(
@@ -218,7 +224,7 @@ def _dstream_kernel(
     stride_qn, stride_qc, stride_sm, stride_sc, stride_dm, stride_dc,
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    PROB_F32: tl.constexpr,
+    PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """DS[j] = d loss / d n_j = Jacobian_j(sum_i G_i / T p_ij qhat_i), one key tile each."""
@@ -237,9 +243,9 @@ def _dstream_kernel(
         )  # fmt: skip
         coef = tl.exp(s - lse[:, None]) * (g * inv_T * rq)[:, None]  # g_i p_ij / (T ||q_i||)
         if PROB_F32:
-            acc += tl.dot(tl.trans(coef), q.to(tl.float32), input_precision=PRECISION)
+            acc += tl.dot(tl.trans(coef), q.to(tl.float32), input_precision=PROB_PRECISION)
         else:
-            acc += tl.dot(tl.trans(coef.to(q.dtype)), q, input_precision=PRECISION)
+            acc += tl.dot(tl.trans(coef.to(q.dtype)), q, input_precision=PROB_PRECISION)
     mask = (j[:, None] < M) & (cols_c[None, :] < C)
     n = tl.load(S + j[:, None] * stride_sm + cols_c[None, :] * stride_sc, mask=mask, other=0.0)
     n = n.to(tl.float32)
@@ -260,20 +266,30 @@ def _flags(q, p, s, norm_qp, norm_s, excl_self, shift, backward=False):
     # Backward's probabilities go through the dot in fp32 for fp16 inputs: p_ij ~ 1/K is
     # below fp16's normal range (6e-5) for any real queue. bf16 has fp32's range.
     prob_f32 = dot_f32 or torch.float16 in dtypes
-    fp32_dot = prob_f32 or torch.float32 in dtypes
-    tf32 = q.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if (fp32_dot and tf32) else "ieee"
-    extra = dict(PROB_F32=prob_f32) if backward else {}
-    return dict(
-        **extra,
+    ieee = not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+
+    def precision(fp32_operands):  # like torch.matmul: TF32 only when allowed
+        return "ieee" if fp32_operands and ieee else "tf32"
+
+    flags = dict(
         NORM_QP=norm_qp,
         NORM_S=norm_s,
         EXCL_SELF=excl_self,
         EXCL_SHIFT=shift >= 0,
         DOT_F32=dot_f32,
-        PRECISION=precision,
+        PRECISION=precision(dot_f32 or torch.float32 in dtypes),
         BLOCK_C=max(16, triton.next_power_of_2(q.shape[1])),
     )
+    if backward:
+        flags.update(
+            PROB_F32=prob_f32, PROB_PRECISION=precision(prob_f32 or s.dtype == torch.float32)
+        )
+    return flags
+
+
+@functools.cache
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _splits(N, M, device):
@@ -281,7 +297,7 @@ def _splits(N, M, device):
     if device.type != "cuda":  # the interpreter: two splits, so that merging is tested
         splits, align = (2 if M > 32 else 1), 16
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         row_tiles = triton.cdiv(N, 64)
         splits = max(1, min(_MAX_SPLITS, triton.cdiv(2 * sms, row_tiles), triton.cdiv(M, 256)))
         align = 128
