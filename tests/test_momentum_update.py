@@ -2,10 +2,15 @@
 
 lerp and the reference's m*t + (1-m)*s are the same number up to rounding, so results are
 compared at a few ulps of the operands: |diff| <= 4 eps (|t| + |s|) per element.
+The Triton kernel (kernels/ema.py, backend="triton") runs on CPU tensors in the Triton
+interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU driver); the
+interpreter's fp32 -> bf16 conversion is checked only to that same bound, the GPU tests
+check bf16 on the device.
 """
 
 import copy
 import functools
+import os
 
 import pytest
 import torch
@@ -13,8 +18,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet18
 
+import fastmoco.ops.momentum_update as momentum_update_module
 from fastmoco.ops import momentum_update_
 from fastmoco.ops.reference import momentum_update_reference
+
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton_here = pytest.mark.skipif(
+    not (TRITON_ON_CPU or torch.cuda.is_available()),
+    reason="Triton needs a GPU or the interpreter (TRITON_INTERPRET=1)",
+)
+DEVICE = "cuda" if torch.cuda.is_available() and not TRITON_ON_CPU else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +249,7 @@ def test_mismatch_raises_and_writes_nothing(kind):
         (dict(momentum=torch.tensor(0.9, device="meta")), "momentum is on meta but the targets"),
         (dict(momentum=0.9, buffers="all"), r"buffers must be one of \('skip', 'copy', 'ema'\)"),
         (dict(momentum=0.9, buffers="ema"), "buffers='ema' only applies to nn.Modules"),
-        (dict(momentum=0.9, backend="triton"), r"backend must be None .* \('torch',\)"),
+        (dict(momentum=0.9, backend="cuda"), r"backend must be None .* \('torch', 'triton'\)"),
         (dict(momentum=0.9, target=torch.randn(3)), "wrap a single tensor as \\[tensor\\]"),
         (dict(momentum=0.9, source=[1.0, 2.0, 3.0, 4.0]), r"source\[0\] is a float"),
     ],
@@ -248,3 +261,201 @@ def test_argument_errors_write_nothing(kwargs, match):
     with pytest.raises(ValueError, match=match):
         momentum_update_(target, source, **kwargs)
     assert all(torch.equal(t, b) for t, b in zip(targets, before, strict=True))
+
+
+# ---- the Triton multi-tensor kernel (kernels/ema.py) ---------------------------------------
+
+
+def _check_triton_matches_reference(targets, sources, momentum, name):
+    """backend="triton" vs the official loop; then every element must be written: targets
+    poisoned with 1000 and m = 0 (weight 1, so lerp returns the source exactly)."""
+    before = [t.clone() for t in targets]
+    want = [t.clone() for t in targets]
+    momentum_update_reference(want, sources, float(momentum))
+    momentum_update_(targets, sources, momentum, backend="triton")
+    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
+        assert got.dtype == t0.dtype and got.shape == t0.shape
+        assert_ema_close(got, w, t0, s, name=f"{name} tensor {i} {t0.dtype} {tuple(t0.shape)}")
+    for t in targets:
+        t.fill_(1000.0)
+    zero = torch.zeros_like(momentum) if isinstance(momentum, torch.Tensor) else 0.0
+    momentum_update_(targets, sources, zero, backend="triton")
+    for i, (got, s) in enumerate(zip(targets, sources, strict=True)):
+        unwritten = int((got != s).sum())
+        assert unwritten == 0, f"{name} tensor {i}: {unwritten} poisoned elements not written"
+
+
+@needs_triton_here
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float_m", "tensor_m"])
+def test_triton_on_resnet18_parameter_list(as_tensor):
+    """62 tensors, 11.2M parameters: conv weights, BN affine, fc."""
+    target, source = two_resnets()
+    targets = [p.detach().to(DEVICE) for p in target.parameters()]
+    sources = [p.detach().to(DEVICE) for p in source.parameters()]
+    momentum = torch.tensor(0.5, device=DEVICE) if as_tensor else 0.5
+    _check_triton_matches_reference(targets, sources, momentum, "resnet18")
+
+
+ODD_SHAPES = [(1,), (2,), (3, 5, 7), (0,), (65537,), (13, 0), (127,), (257, 3), (65536,)]
+
+
+@needs_triton_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float_m", "tensor_m"])
+def test_triton_odd_sizes(dtype, as_tensor):
+    """1 element, primes, powers of two and one past them, empty tensors, in one launch."""
+    gen = torch.Generator().manual_seed(11)
+    targets = [torch.randn(s, generator=gen).to(dtype).to(DEVICE) for s in ODD_SHAPES]
+    sources = [torch.randn(s, generator=gen).to(dtype).to(DEVICE) for s in ODD_SHAPES]
+    momentum = torch.tensor(0.9, device=DEVICE) if as_tensor else 0.9
+    _check_triton_matches_reference(targets, sources, momentum, f"odd {dtype}")
+
+
+@needs_triton_here
+def test_triton_small_chunks_cover_every_element():
+    """The kernel itself with 64-element chunks: full and ragged chunks of many tensors."""
+    from fastmoco.kernels.ema import build_ema_plan, ema_
+
+    gen = torch.Generator().manual_seed(12)
+    sizes = [1, 63, 64, 65, 127, 128, 129, 1031, 5]
+    targets = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
+    sources = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
+    want = [t.clone() for t in targets]
+    momentum_update_reference(want, sources, 0.25)
+    plan = build_ema_plan(targets, sources, block=64)
+    assert plan.num_chunks == sum(-(-n // 64) for n in sizes) and plan.num_tensors == len(sizes)
+    before = [t.clone() for t in targets]
+    ema_(plan, 0.25)
+    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
+        assert_ema_close(got, w, t0, s, name=f"size {sizes[i]}")
+    for t in targets:
+        t.fill_(1000.0)  # poison; m = 0 must write the source into every element
+    ema_(plan, torch.tensor(0.0))
+    for i, (got, s) in enumerate(zip(targets, sources, strict=True)):
+        assert torch.equal(got, s), f"size {sizes[i]}: poisoned elements not written"
+
+
+@needs_triton_here
+def test_triton_mixed_dtypes_layouts_and_fallbacks():
+    """fp64 (weight split in two fp32 halves), channels_last, and strided tensors that take
+    the foreach path, all in one call; m = 0 copies the source, m = 1 keeps the target."""
+    gen = torch.Generator().manual_seed(13)
+
+    def pair(*shape, dtype=torch.float32):
+        return (
+            torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE),
+            torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE),
+        )
+
+    pairs = [pair(17, 3, dtype=torch.float64), pair(1001, dtype=torch.float64), pair(33, 5)]
+    t, s = pair(4, 3, 5, 5)
+    pairs.append((t.to(memory_format=torch.channels_last), s.to(memory_format=torch.channels_last)))
+    t, s = pair(40, 6)
+    pairs.append((t[:, ::2], s[:, ::2]))  # strided: not dense
+    t, s = pair(6, 5)
+    pairs.append((t, s.T.contiguous().T))  # same shape, other strides than the target
+    targets, sources = [t for t, _ in pairs], [s for _, s in pairs]
+    before = [t.clone() for t in targets]
+    want = [t.clone() for t in targets]
+    momentum_update_reference(want, sources, 0.999)
+    momentum_update_(targets, sources, 0.999, backend="triton")
+    for i, (got, w) in enumerate(zip(targets[:2], want[:2], strict=True)):
+        torch.testing.assert_close(got, w, atol=1e-15, rtol=1e-15, msg=f"fp64 tensor {i}")
+    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
+        assert_ema_close(got, w, t0, s, name=f"tensor {i}")
+    for m, want_fn in ((0.0, lambda t0, s: s), (1.0, lambda t0, s: t0)):
+        before = [t.clone() for t in targets]
+        momentum_update_(targets, sources, torch.tensor(m, device=DEVICE), backend="triton")
+        for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+            assert torch.equal(got, want_fn(t0, s)), f"m={m}, tensor {i}"
+
+
+@needs_triton_here
+def test_triton_float_and_tensor_momentum_agree_and_modules_work():
+    target, source = (
+        nn.Sequential(nn.Linear(40, 30), nn.BatchNorm1d(30)),
+        nn.Sequential(nn.Linear(40, 30), nn.BatchNorm1d(30)),
+    )
+    target, source = target.to(DEVICE), source.to(DEVICE)
+    for model in (target, source):
+        model[1].running_var.uniform_(0.5, 1.5)
+    twin = copy.deepcopy(target)
+    momentum_update_(target, source, 0.75, buffers="ema", backend="triton")
+    momentum_update_(twin, source, torch.tensor(0.75, device=DEVICE), buffers="ema")
+    for (name, a), b in zip(target.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # 0.75 is exact: both weights are the same number
+
+
+@needs_triton_here
+def test_triton_table_is_cached_per_structure():
+    momentum_update_module._plans.clear()
+    targets, sources = _lists(5)
+    targets, sources = [t.to(DEVICE) for t in targets], [s.to(DEVICE) for s in sources]
+    momentum_update_(targets, sources, 0.5, backend="triton")
+    plan = next(iter(momentum_update_module._plans.values()))
+    momentum_update_(targets, sources, 0.9, backend="triton")
+    assert list(momentum_update_module._plans.values()) == [plan]  # reused, not rebuilt
+    others = [torch.randn(3, 2, device=DEVICE)]  # a new structure gets its own table
+    want = [others[0].clone()]
+    momentum_update_reference(want, [sources[1]], 0.5)
+    momentum_update_(others, [sources[1]], 0.5, backend="triton")
+    assert len(momentum_update_module._plans) == 2
+    assert_ema_close(others[0], want[0], want[0], sources[1], name="new structure")
+    momentum_update_([], [], 0.5, backend="triton")  # empty lists: nothing to launch
+    momentum_update_([torch.empty(0)], [torch.empty(0)], 0.5, backend="triton")
+    momentum_update_module._plans.clear()
+
+
+@needs_triton_here
+def test_triton_tensor_momentum_is_never_read_on_the_host():
+    targets, sources = _lists()
+    with NoHostSync():
+        momentum_update_(targets, sources, torch.tensor(0.99), backend="triton")
+
+
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    from fastmoco.kernels import ema
+
+    monkeypatch.setattr(ema, "_INTERPRET", False)
+    targets, sources = _lists()
+    before = [t.clone() for t in targets]
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors, got tensors"):
+        momentum_update_(targets, sources, 0.9, backend="triton")
+    assert all(torch.equal(t, b) for t, b in zip(targets, before, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_default_is_triton_and_captures_in_a_cuda_graph():
+    """ResNet-18 on the GPU: the default backend, a momentum schedule inside a CUDA graph."""
+    target, source = two_resnets()
+    targets = [p.detach().cuda() for p in target.parameters()]
+    sources = [p.detach().cuda() for p in source.parameters()]
+    want = [t.clone() for t in targets]
+    momentum = torch.tensor(0.99, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        momentum_update_(targets, sources, momentum)  # warm-up: compiles, builds the table
+    torch.cuda.current_stream().wait_stream(stream)
+    momentum_update_reference(want, sources, 0.99)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        momentum_update_(targets, sources, momentum)
+    for m in (0.9, 0.5):  # the schedule changes the tensor, not the graph
+        momentum.fill_(m)
+        graph.replay()
+        momentum_update_reference(want, sources, m)
+    torch.cuda.synchronize()
+    for i, (got, w, s) in enumerate(zip(targets, want, sources, strict=True)):
+        assert_ema_close(got, w, w, s, name=f"param {i}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_triton_odd_sizes(dtype):
+    gen = torch.Generator().manual_seed(14)
+    targets = [torch.randn(s, generator=gen).to(dtype).cuda() for s in ODD_SHAPES]
+    sources = [torch.randn(s, generator=gen).to(dtype).cuda() for s in ODD_SHAPES]
+    _check_triton_matches_reference(targets, sources, 0.999, f"cuda {dtype}")

@@ -5,8 +5,13 @@
 computed as lerp(theta_k, theta_q, 1 - m) = theta_k + (1 - m) (theta_q - theta_k): the same
 value up to rounding (a few ulps), 12 bytes of traffic per fp32 parameter against 20 for a
 mul then an add. The official code loops over parameters in Python, one or two kernel
-launches per tensor; here torch._foreach_lerp_ takes all tensors of one (device, dtype)
-group at once (CUDA fuses them into chunked multi-tensor launches).
+launches per tensor. Here each (device, dtype) group is one call:
+  backend "triton" (the default for CUDA tensors): kernels/ema.py, one launch over a table
+    of the group's addresses, built on the first call and cached on those addresses (warm
+    up once before capturing a CUDA graph: building the table copies it to the device);
+  backend "torch" (the default for CPU tensors): torch._foreach_lerp_ over the group
+    (CUDA fuses it into chunked multi-tensor launches).
+Tensors that are not dense, or whose source has other strides, take the torch path.
 
 momentum may be a Python float or a 0-d floating tensor on the target's device, so that a
 momentum schedule can live on the GPU inside a captured CUDA graph: it is never read back
@@ -25,7 +30,9 @@ from torch import nn
 
 from fastmoco.ops._backend import select_backend
 
-_BACKENDS = ("torch",)
+_BACKENDS = ("torch", "triton")
+_PLAN_CACHE_SIZE = 16  # models (or tensor lists) whose tables stay on the device
+_plans: dict[tuple, object] = {}
 _BUFFER_MODES = ("skip", "copy", "ema")
 
 
@@ -41,15 +48,22 @@ def momentum_update_(
 
     target, source: two modules with the same structure, or two sequences of tensors.
     buffers: "skip" | "copy" | "ema" for modules' floating buffers (see the module doc).
-    backend: None picks per device; "torch" forces the torch._foreach path.
+    backend: None picks per device (CUDA: "triton", CPU: "torch"); "triton" or "torch" forces
+    one ("triton" on CPU tensors only under TRITON_INTERPRET=1, as the tests run it).
     """
     if buffers not in _BUFFER_MODES:
         raise ValueError(f"buffers must be one of {_BUFFER_MODES}, got {buffers!r}")
     select_backend(backend, _BACKENDS)
     ema_pairs, copy_pairs = _pairs(target, source, buffers)
-    weight = _lerp_weight(momentum, {t.device for t, _ in ema_pairs})
+    _check_momentum(momentum, {t.device for t, _ in ema_pairs})
+    groups = _grouped(ema_pairs)
+    backends = {key: _group_backend(backend, key[0]) for key in groups}
     with torch.no_grad():
-        _lerp_grouped(ema_pairs, weight)
+        for key, (targets, sources) in groups.items():
+            if backends[key] == "triton":
+                _ema_triton(targets, sources, momentum)
+            else:
+                _lerp_foreach(targets, sources, momentum)
         for t, s in copy_pairs:
             t.copy_(s)
 
@@ -118,8 +132,8 @@ def _matched(target_named, source_named, kind: str):
     return [(name, t, s) for (name, t), (_, s) in zip(targets, sources, strict=True)]
 
 
-def _lerp_weight(momentum, devices: set):
-    """1 - m as a Python float, or as a 0-d tensor computed on the device (no host sync)."""
+def _check_momentum(momentum, devices: set) -> None:
+    """A float in [0, 1], or a 0-d floating tensor on the targets' device (never read here)."""
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point():
             raise ValueError(
@@ -132,27 +146,81 @@ def _lerp_weight(momentum, devices: set):
                 f"{sorted(map(str, devices))}: keep the momentum tensor on the model's device "
                 "(or pass a float when the model spans several devices)"
             )
-        return 1.0 - momentum
+        return
     bad_type = isinstance(momentum, bool) or not isinstance(momentum, (int, float))
     if bad_type or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a float in [0, 1] (e.g. 0.999), got {momentum!r}")
-    return 1.0 - float(momentum)
 
 
-def _lerp_grouped(pairs, weight) -> None:
-    """torch._foreach_lerp_ per (device, dtype) group, the fused lists PyTorch wants.
-
-    A tensor weight goes through the List overload (one 0-d weight per tensor, broadcast),
-    present since torch 2.0: the Scalar overload would call .item() on it, a host sync.
-    """
+def _grouped(pairs) -> dict[tuple, tuple[list, list]]:
+    """{(device, dtype): (targets, sources)}: the lists one fused call can take."""
     groups: dict[tuple, tuple[list, list]] = {}
     for t, s in pairs:
         targets, sources = groups.setdefault((t.device, t.dtype), ([], []))
         targets.append(t)
         sources.append(s)
-    for (_, dtype), (targets, sources) in groups.items():
-        if isinstance(weight, torch.Tensor):
-            w = weight.to(dtype)  # lerp wants the weight in the tensors' dtype
-            torch._foreach_lerp_(targets, sources, [w] * len(targets))
-        else:
-            torch._foreach_lerp_(targets, sources, weight)
+    return groups
+
+
+def _group_backend(backend: str | None, device: torch.device) -> str:
+    chosen = select_backend(backend, _BACKENDS, device)
+    if chosen == "triton" and device.type != "cuda":
+        from fastmoco.kernels import ema  # Triton is imported only when asked for
+
+        if not ema._INTERPRET:
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors, got tensors on {device}; use "
+                "backend=None (or 'torch') for CPU tensors (the kernel runs on CPU tensors "
+                "only in the Triton interpreter, TRITON_INTERPRET=1)"
+            )
+    return chosen
+
+
+def _lerp_foreach(targets, sources, momentum) -> None:
+    """torch._foreach_lerp_ over one (device, dtype) group.
+
+    A tensor weight goes through the List overload (one 0-d weight per tensor, broadcast),
+    present since torch 2.0: the Scalar overload would call .item() on it, a host sync.
+    """
+    if not targets:
+        return
+    if isinstance(momentum, torch.Tensor):
+        w = (1.0 - momentum).to(targets[0].dtype)  # on the device; lerp wants the tensors' dtype
+        torch._foreach_lerp_(targets, sources, [w] * len(targets))
+    else:
+        torch._foreach_lerp_(targets, sources, 1.0 - float(momentum))
+
+
+def _dense_alike(t: torch.Tensor, s: torch.Tensor) -> bool:
+    """Both tensors cover their numel() elements from data_ptr() in the same order."""
+    if t.stride() != s.stride():
+        return False
+    if t.is_contiguous():
+        return s.is_contiguous()
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _ema_triton(targets, sources, momentum) -> None:
+    """kernels/ema.py over the dense pairs (table cached on their addresses), foreach else."""
+    from fastmoco.kernels.ema import build_ema_plan, ema_
+
+    dense = [_dense_alike(t, s) for t, s in zip(targets, sources, strict=True)]
+    _lerp_foreach(
+        [t for t, d in zip(targets, dense, strict=True) if not d],
+        [s for s, d in zip(sources, dense, strict=True) if not d],
+        momentum,
+    )
+    pairs = [(t, s) for t, s, d in zip(targets, sources, dense, strict=True) if d]
+    if not pairs:
+        return
+    key = (
+        pairs[0][0].device,
+        pairs[0][0].dtype,
+        tuple((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in pairs),
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _PLAN_CACHE_SIZE:
+            _plans.pop(next(iter(_plans)))  # the oldest
+        plan = _plans[key] = build_ema_plan([t for t, _ in pairs], [s for _, s in pairs])
+    ema_(plan, momentum)
