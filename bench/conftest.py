@@ -90,13 +90,73 @@ def measure_peak(request):
     return measure
 
 
+# Rows of the comparison table: one per (group, implementation), printed after the
+# timing tables and, when FASTMOCO_BENCH_MD names a file, written there as markdown.
+_ROWS: list[dict] = []
+
+
+@pytest.fixture
+def report_row():
+    """report_row(group, impl, median_s, floor_s=None, peak_bytes=None, baseline="eager").
+
+    The table gives each row's time against the group's `baseline` row (same run, same
+    inputs) and against the floor (the time the bytes and flops need at the device's
+    rated bandwidth and throughput), and its peak extra memory against the baseline's."""
+
+    def add(group, impl, median_s, floor_s=None, peak_bytes=None, baseline="eager"):
+        _ROWS.append(
+            dict(group=group, impl=impl, median_s=median_s, floor_s=floor_s, peak=peak_bytes,
+                 baseline=baseline)
+        )  # fmt: skip
+
+    return add
+
+
+def _fmt_time(seconds):
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
+
+
+def _table() -> list[str]:
+    lines = [
+        "| case | impl | median | floor | x floor | speed-up vs baseline | peak extra MiB | "
+        "memory vs baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_group: dict[str, dict[str, dict]] = {}
+    for row in _ROWS:
+        by_group.setdefault(row["group"], {})[row["impl"]] = row
+    for group, rows in by_group.items():
+        for impl, row in rows.items():
+            base = rows.get(row["baseline"])
+            t, f, peak = row["median_s"], row["floor_s"], row["peak"]
+            x_floor = f"{t / f:.1f}" if (t and f) else "-"
+            speed = f"{base['median_s'] / t:.2f}x" if (base and base["median_s"] and t) else "-"
+            mib = "OOM" if t is None else ("-" if peak is None else f"{peak / 2**20:.2f}")
+            mem = "-"
+            if base and base["peak"] and peak is not None and t is not None:
+                mem = f"{100 * peak / base['peak']:.1f} %"
+            cells = [group, impl, "OOM" if t is None else _fmt_time(t), _fmt_time(f), x_floor,
+                     speed, mib, mem]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter):
-    if not _PEAKS:
-        return
-    terminalreporter.section("peak extra memory per call (MiB)")
-    width = max(len(name) for name, _ in _PEAKS)
-    for name, peak in _PEAKS:
-        terminalreporter.write_line(f"{name:<{width}}  {peak / 2**20:10.3f}")
+    if _PEAKS:
+        terminalreporter.section("peak extra memory per call (MiB)")
+        width = max(len(name) for name, _ in _PEAKS)
+        for name, peak in _PEAKS:
+            terminalreporter.write_line(f"{name:<{width}}  {peak / 2**20:10.3f}")
+    if _ROWS:
+        terminalreporter.section("comparison (median, floor, speed-up and memory vs baseline)")
+        lines = _table()
+        for line in lines:
+            terminalreporter.write_line(line)
+        target = os.environ.get("FASTMOCO_BENCH_MD")
+        if target:
+            Path(target).write_text(pytest_report_header(None) + "\n\n" + "\n".join(lines) + "\n")
 
 
 def _commit() -> str:
