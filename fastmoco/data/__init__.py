@@ -1,4 +1,5 @@
-"""Input pipeline: ImageFolder reading, the MoCo augmentation recipes, loaders, demo dataset.
+"""Input pipeline: ImageFolder reading, the MoCo augmentation recipes, loaders (torchvision
+DataLoader or DALI, see data/dali.py), demo dataset.
 
 The demo names are imported on first use (module __getattr__) so that
 `python -m fastmoco.data.demo` does not find its own module already imported by the package.
@@ -12,17 +13,25 @@ from fastmoco.data.augment import (
     two_view_transform,
 )
 from fastmoco.data.folder import IMG_EXTENSIONS, ImageFolderDataset, scan_image_folder
-from fastmoco.data.loader import TwoViewLoader, build_eval_loader, build_two_view_loader
+from fastmoco.data.loader import (
+    LOADERS,
+    TwoViewLoader,
+    build_eval_loader,
+    build_train_loader,
+    build_two_view_loader,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
+    "LOADERS",
     "DemoSpec",
     "ImageFolderDataset",
     "TwoViewLoader",
     "blur_kernel_size",
     "build_eval_loader",
+    "build_train_loader",
     "build_two_view_loader",
     "demo_contact_sheet",
     "demo_dataset",

@@ -1,9 +1,9 @@
 """The loaders the trainer uses: two augmented views per image for training, plain for eval.
 
-build_two_view_loader is the one seam between the trainer and its input pipeline; a DALI
-pipeline can sit behind the same function and the same TwoViewLoader interface:
-set_epoch(epoch, start_step), len() = full batches per epoch per rank, and iteration
-yielding (view1, view2, target, n_bad).
+build_train_loader is the one seam between the trainer and its input pipeline: it picks
+the torchvision DataLoader (build_two_view_loader) or the DALI pipeline (dali.py), which
+share one interface: set_epoch(epoch, start_step), len() = full batches per epoch per rank,
+iteration yielding (view1, view2, target, n_bad), and a `description` the trainer prints.
 
 Order: each epoch shuffles all images with a generator seeded by seed + epoch (as
 DistributedSampler does), keeps the first world_size * B * (M // (world_size * B)) of them
@@ -115,6 +115,7 @@ class TwoViewLoader:
         pin_memory: bool,
     ):
         self.dataset = dataset
+        self.description = f"torch DataLoader ({workers} workers)"
         self.batch_sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size)
         self.loader = DataLoader(
             dataset,
@@ -176,6 +177,65 @@ def build_two_view_loader(
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return TwoViewLoader(dataset, batch_size, workers, seed, rank, world_size, pin_memory)
+
+
+LOADERS = ("auto", "dali", "torch")
+
+
+def build_train_loader(
+    root,
+    *,
+    loader: str = "auto",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    **kwargs,
+):
+    """The training loader for `device`: DALI or the torchvision DataLoader.
+
+    loader="auto" takes DALI when the device is CUDA and DALI is installed, else the
+    DataLoader; "dali" forces DALI (its CPU mode on a CPU device), "torch" the DataLoader.
+    kwargs are build_two_view_loader's. DALI hands over views already on the device in
+    `dtype` and, with channels_last, in NHWC memory; the DataLoader gives float32 CPU
+    tensors that the trainer moves. The loader's `description` says which one runs and why.
+    """
+    from fastmoco.data import dali
+
+    if loader not in LOADERS:
+        raise UsageError(f"--loader {loader!r}: choose one of {', '.join(LOADERS)}")
+    device = torch.device(device)
+    why = ""
+    if loader == "auto":
+        if device.type != "cuda":
+            loader, why = "torch", "auto: DALI is used on CUDA; --loader dali for its CPU mode"
+        elif not dali.dali_available():
+            loader, why = "torch", "auto: DALI not installed; pip install nvidia-dali-cuda130"
+        else:
+            loader = "dali"
+    if loader == "torch":
+        built = build_two_view_loader(root, **kwargs)
+    else:
+        dali.require_dali()
+        built = dali.DaliTwoViewLoader(
+            root,
+            recipe=kwargs["recipe"],
+            crop_size=kwargs["crop_size"],
+            batch_size=kwargs["batch_size"],
+            seed=kwargs["seed"],
+            rank=kwargs.get("rank", 0),
+            world_size=kwargs.get("world_size", 1),
+            device=device,
+            num_threads=kwargs.get("workers", 4),
+            skip_bad_images=kwargs.get("skip_bad_images", False),
+            mean=kwargs.get("mean", IMAGENET_MEAN),
+            std=kwargs.get("std", IMAGENET_STD),
+            crop_scale=kwargs.get("crop_scale", CROP_SCALE),
+            dtype=dtype,
+            layout="NHWC" if channels_last else "NCHW",
+        )
+    if why:
+        built.description += f" [{why}]"
+    return built
 
 
 def build_eval_loader(
