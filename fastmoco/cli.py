@@ -70,6 +70,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a("--channels-last", action="store_true", default=None, help="NHWC memory format")
     a("--workers", type=int, help=f"data-loading processes per rank (mocov2: {D.workers})")
     a(
+        "--loader",
+        choices=["auto", "dali", "torch"],
+        help="input pipeline: DALI (GPU decode + augmentation; CPU mode without CUDA) or the "
+        "torchvision DataLoader (default auto: DALI on CUDA when installed)",
+    )
+    a(
         "--skip-bad-images",
         action="store_true",
         default=None,

@@ -31,6 +31,7 @@ class TrainConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     workers: int = 8
     skip_bad_images: bool = False
+    loader: str = "auto"  # auto (DALI on CUDA when installed, else torch), dali, torch
     demo_seed: int = 0  # which procedurally drawn demo set, when --data is not given
     # --- optimisation ---
     epochs: int = 200

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from fastmoco.config import TrainConfig
-from fastmoco.data import build_two_view_loader, demo_dataset, scan_image_folder
+from fastmoco.data import build_train_loader, demo_dataset, scan_image_folder
 from fastmoco.errors import UsageError
 from fastmoco.eval.knn import build_knn_loaders, knn_accuracy
 from fastmoco.models import ARCHS, MoCo
@@ -139,8 +139,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-        self.loader = build_two_view_loader(
+        self.loader = build_train_loader(
             train_root,
+            loader=cfg.loader,  # DALI hands over views on the device, in the autocast dtype
+            device=self.device,
+            dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp_dtype]
+            if cfg.amp
+            else torch.float32,
+            channels_last=cfg.channels_last,
             recipe=cfg.recipe,
             crop_size=cfg.crop_size,
             crop_scale=cfg.crop_scale,
@@ -357,6 +363,7 @@ class Trainer:
                 f"out {self.out}",
                 flush=True,
             )
+            print(f"loader: {self.loader.description}", flush=True)
         if self.knn_random is None and self.global_step == 0:
             self.knn_random = self.knn()
             if self.is_main and self.knn_random is not None:
