@@ -302,3 +302,58 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     want = info_nce_reference(q.detach().double(), k.double(), queue.double())
     assert_close(loss.detach(), want, 1e-2, name="replayed loss")
+
+
+def test_auto_backend_falls_back_once_when_the_kernels_fail(monkeypatch):
+    """backend=None: a kernel that fails to compile or launch warns and the PyTorch path
+    answers (now and later); backend="triton" raises the error itself."""
+    import sys
+
+    op = sys.modules["fastmoco.ops.info_nce"]  # the module (the package exports the function)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(op, "select_backend", lambda backend, allowed, device: "triton")
+    monkeypatch.setattr(op, "_triton_rows", broken)
+    monkeypatch.setattr(op, "_TRITON_FAILED", [])
+    q, k, queue = torch.randn(5, 8), torch.randn(5, 8), torch.randn(20, 8)
+    with pytest.warns(RuntimeWarning, match="PyTorch path is used from now on"):
+        got = info_nce(q, k, queue)
+    assert_close(got, info_nce_reference(q.double(), k.double(), queue.double()), 1e-5)
+    info_nce(q, k, queue)  # no second attempt
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        info_nce(q, k, queue, backend="triton")
+
+
+def test_training_steps_match_the_reference():
+    """A few SGD steps of a linear encoder with a MoCo-style queue: the fused loss and the
+    reference give the same losses step by step and the same weights at the end."""
+    torch.manual_seed(14)
+    N, D, C, K = 24, 20, 16, 60
+    x = torch.randn(6, N, D, device=DEVICE)
+    weights, losses = [], []
+    for loss_fn in (fused, lambda q, k, queue: info_nce_reference(q, k, queue, 0.2)):
+        torch.manual_seed(15)
+        enc = torch.nn.Linear(D, C).to(DEVICE)
+        opt = torch.optim.SGD(enc.parameters(), lr=0.5)
+        queue = torch.nn.functional.normalize(torch.randn(K, C, device=DEVICE), dim=1)
+        run = []
+        for step in range(6):
+            q = enc(x[step])
+            with torch.no_grad():
+                k = torch.nn.functional.normalize(enc(x[step] + 0.1), dim=1)
+            loss = loss_fn(q, k, queue)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            queue = torch.cat([k, queue[:-N]])  # newest keys first, oldest dropped
+            run.append(loss.item())
+        losses.append(run)
+        weights.append(enc.weight.detach().clone())
+    assert losses[0][-1] < losses[0][0]
+    assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), 1e-5, name="losses")
+    assert_close(weights[0], weights[1], 1e-5, name="weights")

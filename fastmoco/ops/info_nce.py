@@ -44,6 +44,7 @@ Inputs may be non-contiguous: the queue in particular may be `buf.T` of the offi
 
 import contextlib
 import math
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -79,12 +80,13 @@ def info_nce(
     PyTorch path. chunk_size: negatives per streamed chunk (memory N x chunk_size).
     """
     _check_inputs(q, k, queue, temperature, reduction, chunk_size)
-    chosen = select_backend(backend, _BACKENDS, q.device)
-    if chosen == "triton" and backend is None and not _triton_takes(q, k, queue):
-        chosen = "torch"  # fp64 or very wide features: the PyTorch path serves them
-    if chosen == "triton":
-        rows, rank = _triton_rows(q, k, queue, float(temperature), normalize)
-    else:
+    rows = None
+    if use_triton(backend, q, k, queue):
+        try:
+            rows, rank = _triton_rows(q, k, queue, float(temperature), normalize)
+        except Exception as err:
+            fall_back_or_raise(backend, err)
+    if rows is None:
         rows, rank = _InfoNCETorch.apply(
             q, k, queue, float(temperature), normalize, chunk_size, return_stats
         )
@@ -139,6 +141,32 @@ def _check_inputs(q, k, queue, temperature, reduction, chunk_size) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (e.g. 4096), got {chunk_size!r}")
+
+
+_TRITON_FAILED: list[str] = []  # set once the kernels failed on this machine
+
+
+def use_triton(backend, *tensors) -> bool:
+    """Whether a call runs the fused kernels: backend="triton", or backend=None on CUDA
+    tensors the kernels take (fp64 and very wide features go to the PyTorch path), unless
+    they already failed to compile or launch here."""
+    if select_backend(backend, _BACKENDS, tensors[0].device) != "triton":
+        return False
+    return backend is not None or (_triton_takes(*tensors) and not _TRITON_FAILED)
+
+
+def fall_back_or_raise(backend, err: Exception) -> None:
+    """With backend=None a kernel failure (an unsupported GPU, a Triton too old) is a
+    warning and the PyTorch path serves this and every later call; bad input is raised."""
+    if backend is not None or isinstance(err, ValueError):
+        raise err
+    _TRITON_FAILED.append(repr(err))
+    warnings.warn(
+        f"fastmoco: the Triton InfoNCE kernels failed on this machine ({err!r}); the PyTorch "
+        "path is used from now on. Call with backend='triton' to see the full error.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _triton_takes(*tensors) -> bool:

@@ -16,16 +16,14 @@ which never hold them.
 import torch
 import torch.nn.functional as F
 
-from fastmoco.ops._backend import select_backend
 from fastmoco.ops.info_nce import (
     _accumulation_dtype,
     _autocast_off,
     _check_inputs,
     _triton_rows,
-    _triton_takes,
+    fall_back_or_raise,
+    use_triton,
 )
-
-_BACKENDS = ("torch", "triton")
 
 
 def nt_xent(
@@ -46,12 +44,13 @@ def nt_xent(
     """
     _check_inputs(z1, z2, None, temperature, reduction, 1)
     z = torch.cat([z1, z2], dim=0)  # 2NxC
-    chosen = select_backend(backend, _BACKENDS, z.device)
-    if chosen == "triton" and backend is None and not _triton_takes(z):
-        chosen = "torch"
-    if chosen == "triton":
-        rows, rank = _triton_rows(z, z, None, float(temperature), normalize, nt_xent=True)
-    else:
+    rows = None
+    if use_triton(backend, z):
+        try:
+            rows, rank = _triton_rows(z, z, None, float(temperature), normalize, nt_xent=True)
+        except Exception as err:
+            fall_back_or_raise(backend, err)
+    if rows is None:
         rows, rank = _nt_xent_torch(z, float(temperature), normalize, return_stats)
     if reduction == "mean":
         loss = rows.mean()
