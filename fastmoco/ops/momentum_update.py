@@ -106,7 +106,7 @@ def _indexed(tensors, what: str):
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{what}[{i}] is a {type(t).__name__}, not a torch.Tensor")
-    return [(f"[{i}]", t) for i, t in enumerate(tensors)]
+    return [(f"[{i}]", t) for i, t in enumerate(tensors)]  # names for error messages only
 
 
 def _matched(target_named, source_named, kind: str):
@@ -118,6 +118,8 @@ def _matched(target_named, source_named, kind: str):
                 f"{kind} names differ: target {t_name!r} vs source {s_name!r}; "
                 "the two models must be built from the same architecture"
             )
+        if t.dtype is s.dtype and t.device == s.device and t.shape == s.shape:
+            continue  # the common case, without the per-attribute loop (per-step overhead)
         for attr in ("shape", "dtype", "device"):
             if getattr(t, attr) != getattr(s, attr):
                 raise ValueError(
@@ -204,7 +206,10 @@ def _ema_triton(targets, sources, momentum) -> None:
     """kernels/ema.py over the dense pairs (table cached on their addresses), foreach else."""
     from fastmoco.kernels.ema import build_ema_plan, ema_
 
-    dense = [_dense_alike(t, s) for t, s in zip(targets, sources, strict=True)]
+    dense = [
+        (t.is_contiguous() and s.is_contiguous()) or _dense_alike(t, s)
+        for t, s in zip(targets, sources, strict=True)
+    ]
     _lerp_foreach(
         [t for t, d in zip(targets, dense, strict=True) if not d],
         [s for s, d in zip(sources, dense, strict=True) if not d],
