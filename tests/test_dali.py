@@ -173,7 +173,7 @@ def test_draws_take_effect_on_pixels(sized_data):
     spread = (x.max(dim=1).values - x.min(dim=1).values).mean(dim=(1, 2))  # per image
     assert gray.sum() > 10 and (~gray).sum() > 10
     assert spread[gray].max() < 0.01  # grey to rounding
-    assert spread[~gray].min() > 0.05  # colour noise keeps its colour
+    assert spread[~gray].min() > 0.02  # colour noise keeps some colour, even desaturated
     # neighbour differences: blur (sigma >= 0.1 over a 3-px window) smooths the noise
     tv = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean(dim=(1, 2, 3))
     assert tv[blur].mean() < 0.8 * tv[~blur].mean()
@@ -268,6 +268,20 @@ def test_resume_mid_epoch_continues_the_order(sized_data):
     tail = [image_ids(b) for b in epoch_batches(loader, 2, start_step=4)]
     assert tail == full[4:]
     assert len(loader) == 6  # whatever start_step was
+
+
+def test_epochs_left_unfinished_or_empty(sized_data):
+    """A pass broken off (the trainer stopping) or starting past the end leaves the next
+    epoch whole and in order: the pipeline lives on only across finished epochs."""
+    loader, fresh = dali(sized_data), dali(sized_data)
+    loader.set_epoch(0)
+    for step, _ in enumerate(loader):
+        if step == 1:
+            break
+    expected = [image_ids(b) for b in epoch_batches(fresh, 1)]
+    assert [image_ids(b) for b in epoch_batches(loader, 1)] == expected
+    assert epoch_batches(loader, 2, start_step=len(loader)) == []
+    assert [image_ids(b) for b in epoch_batches(loader, 1)] == expected
 
 
 def test_corrupt_jpeg_named_or_counted(tmp_path):

@@ -37,9 +37,10 @@ Python through fn.external_source and DALI reads the files in its own threads
 within a 1024-image buffer and pad the last batch with repeats, and could not start
 mid-epoch; feeding the order ourselves gives the same images to both loaders.
 
-Randomness: a pipeline is built per epoch with seed mixed from (seed, rank, epoch,
-start_step), so a run is deterministic per seed and rank and a resumed run repeats the
-views from the next epoch on (mid-epoch, the order is exact and the draws fresh).
+Randomness: DALI's random operators draw from generators seeded once, when the pipeline is
+built, from (seed, rank, epoch, start_step); the pipeline then lives from epoch to epoch. A
+run is deterministic per seed and rank; a resumed run sees the exact order of images but
+fresh draws (the torch loader, which seeds every sample, repeats the views too).
 
 Unreadable files: DALI's decoder error does not name the file ("nvImageCodec failure"), so on
 any pipeline error the files of the batches in flight are opened with PIL; the first that
@@ -172,18 +173,24 @@ def augment_view(
 
 
 class _PathFeeder:
-    """external_source callback: the next batch's encoded paths, remembered until returned."""
+    """external_source callback: the next batch's encoded paths, remembered until returned.
 
-    def __init__(self, batches: Sequence[tuple[list[str], list[int], int]]):
-        self.todo = deque(batches)
-        self.in_flight = deque()  # handed to DALI, output not yet taken by the loader
+    todo holds batches of (epoch, index) pairs; each is resolved (known-bad files replaced)
+    when DALI asks for it. An empty todo ends DALI's epoch (StopIteration).
+    """
+
+    def __init__(self, resolve):
+        self.resolve = resolve
+        self.todo = deque()
+        self.in_flight = deque()  # (batch, paths, labels, n_bad) handed to DALI, not yet out
 
     def __call__(self):
         if not self.todo:
             raise StopIteration
         batch = self.todo.popleft()
-        self.in_flight.append(batch)
-        return [np.frombuffer(p.encode(), dtype=np.uint8) for p in batch[0]]
+        paths, labels, n_bad = self.resolve(batch)
+        self.in_flight.append((batch, paths, labels, n_bad))
+        return [np.frombuffer(p.encode(), dtype=np.uint8) for p in paths]
 
 
 class DaliTwoViewLoader:
@@ -245,6 +252,7 @@ class DaliTwoViewLoader:
         self.dtype, self.layout, self.debug = dtype, layout, debug
         self.num_threads, self.skip_bad_images = max(num_threads, 1), skip_bad_images
         self.bad: set[int] = set()  # indices of files found unreadable so far
+        self._pipe, self._feeder, self._pipe_idle = None, None, False
         where = "GPU, nvJPEG decode" if self.device.type == "cuda" else "CPU mode"
         self.description = f"DALI ({where}, {self.num_threads} threads)"
 
@@ -330,13 +338,14 @@ class DaliTwoViewLoader:
         paths, labels, bad = zip(*resolved, strict=True)
         return list(paths), list(labels), sum(bad)
 
-    def _find_bad_file(self, batches, dali_error: Exception) -> None:
-        """Name the unreadable file among `batches` (DataError), or remember it when skipping.
+    def _find_bad_file(self, batches: list[list[str]], dali_error: Exception) -> None:
+        """Name the unreadable file among the paths of `batches` (DataError), or remember it
+        when skipping.
 
         Raises a DataError quoting DALI's message if PIL reads every file: the failure is then
         not a corrupt file but something DALI cannot handle.
         """
-        for paths, _, _ in batches:
+        for paths in batches:
             for path in paths:
                 try:
                     load_rgb(path)
@@ -351,39 +360,54 @@ class DaliTwoViewLoader:
                     return
         first = str(dali_error).strip().splitlines()
         raise DataError(
-            f"DALI failed on a batch starting with {batches[0][0][0]} although every file in "
+            f"DALI failed on a batch starting with {batches[0][0]} although every file in "
             f"it opens with PIL ({first[-1] if first else dali_error}): try --loader torch"
         ) from dali_error
 
-    def __iter__(self):
-        todo = deque(self.batch_sampler)  # this epoch's [(epoch, index)] batches from start_step
-        seed = self._pipeline_seed()
-        while todo:
-            feeder = _PathFeeder([self._batch(b) for b in todo])
-            pipe = self._build(feeder, seed)
+    def __iter__(self) -> Iterator[tuple]:
+        """One epoch. The pipeline lives on from epoch to epoch (a build costs the decoder's
+        set-up); it is built, seeded from (seed, rank, epoch, start_step), for the first
+        epoch, after an epoch left unfinished, and after an error."""
+        batches = list(self.batch_sampler)  # this epoch's [(epoch, index)] from start_step
+        retry = 0
+        while True:
+            if self._pipe is None or not self._pipe_idle:
+                self._pipe = None  # free the old pipeline's buffers before the new one's
+                self._feeder = _PathFeeder(self._batch)
+                self._feeder.todo.extend(batches)
+                self._pipe = self._build(self._feeder, self._pipeline_seed() + retry)
+            else:
+                self._feeder.todo.extend(batches)
+                self._pipe.reset()  # DALI's epoch ended at the feeder's StopIteration
+            self._pipe_idle = False
             try:
-                yield from self._run(pipe, feeder, todo)
+                yield from self._run()
             except RuntimeError as e:  # DALI reports operator failures as RuntimeError
-                # An errored pipeline is invalid: find the file, then build another.
-                self._find_bad_file(list(feeder.in_flight), e)
-                seed += 1  # the rebuilt pipeline draws afresh, reproducibly
+                # An errored pipeline is invalid: name or skip the file, build another.
+                in_flight = list(self._feeder.in_flight)
+                self._pipe = None
+                self._find_bad_file([paths for _, paths, _, _ in in_flight], e)
+                batches = [batch for batch, *_ in in_flight] + list(self._feeder.todo)
+                retry += 1
+                continue
+            self._pipe_idle = True
+            return
 
-    def _run(self, pipe, feeder: _PathFeeder, todo: deque) -> Iterator[tuple]:
+    def _run(self) -> Iterator[tuple]:
         views = 1 + (len(DEBUG_DRAWS) if self.debug else 0)
-        while todo:
-            out = pipe.run()
-            _, labels, n_bad = feeder.in_flight.popleft()
-            todo.popleft()
+        while True:
+            try:
+                out = self._pipe.run()
+            except StopIteration:
+                return
+            _, _, labels, n_bad = self._feeder.in_flight.popleft()
             view1, view2 = self._to_torch(out[0]), self._to_torch(out[views])
             target = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
             item = (view1, view2, target, torch.tensor(n_bad, dtype=torch.int64))
             if self.debug:
-                draws = [
-                    {
-                        k: np.asarray(out[v * views + 1 + j].as_array())
-                        for j, k in enumerate(DEBUG_DRAWS)
-                    }
-                    for v in range(2)
-                ]
-                item = (*item, draws)
+                item = (*item, [self._draws(out, v * views + 1) for v in range(2)])
             yield item
+
+    @staticmethod
+    def _draws(out, first: int) -> dict[str, np.ndarray]:
+        return {k: np.asarray(out[first + j].as_array()) for j, k in enumerate(DEBUG_DRAWS)}
