@@ -62,8 +62,8 @@ if _INTERPRET:
     _ROW_CONFIGS = _configs([16], [16], [1], [1])
     _KEY_CONFIGS = _ROW_CONFIGS
 else:
-    _ROW_CONFIGS = _configs([32, 64, 128], [64, 128], [4, 8], [2, 3])
-    _KEY_CONFIGS = _configs([32, 64], [64, 128], [4, 8], [2, 3])
+    _ROW_CONFIGS = _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
+    _KEY_CONFIGS = _configs([32, 64], [32, 64, 128], [4, 8], [2, 3])
 
 
 # Autotuning keys: sizes and the modes that change the work (tensor dtypes are added by
@@ -73,7 +73,7 @@ _TUNE_KEY = ["N", "M", "BLOCK_C", "NORM_S", "EXCL_SELF", "DOT_F32"]
 
 def _prune(configs, named_args, **kwargs):
     """Keep tiles whose operands fit in registers: BLOCK_C is up to 512."""
-    block_c = kwargs.get("BLOCK_C", named_args.get("BLOCK_C"))
+    block_c = kwargs.get("BLOCK_C") or named_args.get("BLOCK_C") or 128
     kept = [c for c in configs if max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) * block_c <= 16384]
     return kept or configs[:1]
 
