@@ -235,6 +235,44 @@ def test_two_views_differ_and_seed_determines(sized_data):
     assert [image_ids(x) for x in a] != [image_ids(x) for x in e1]
 
 
+def test_batches_own_their_memory(sized_data):
+    """DALI reuses its output buffers: every batch handed over must be a copy."""
+    loader = dali(sized_data)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    first = next(batches)
+    snapshot = first[0].clone()
+    rest = list(batches)
+    assert len(rest) == len(loader) - 1
+    torch.testing.assert_close(first[0], snapshot, rtol=0, atol=0)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gpu_pipeline_matches_cpu_mode(sized_data):
+    """The GPU variant ("mixed" nvJPEG decode, GPU operators) draws the same random numbers as
+    the CPU mode (the draws are CPU operators seeded alike), so the views agree up to the
+    decoders' and resamplers' rounding; they arrive on the GPU in the asked dtype/layout."""
+    kw = dict(recipe="v2", mean=MEAN, std=STD)
+    cpu = epoch_batches(dali(sized_data, **kw), 0)
+    gpu = epoch_batches(
+        dali(sized_data, device="cuda", dtype=torch.float16, layout="NHWC", **kw), 0
+    )
+    assert len(gpu) == len(cpu) == N_IMAGES // 8
+    for c, g in zip(cpu, gpu, strict=True):
+        v = g[0]
+        assert v.device.type == "cuda" and v.dtype == torch.float16
+        assert v.shape == (8, 3, 32, 32) and v.is_contiguous(memory_format=torch.channels_last)
+        assert g[2].device.type == "cuda" and torch.equal(g[2].cpu(), c[2])
+        for k in ("crop_hw", "flip", "gray", "blur"):
+            np.testing.assert_array_equal(g[4][0][k], c[4][0][k])
+        diff = (unnormalize(g[0].float().cpu()) - unnormalize(c[0])).abs()
+        assert diff.mean() < 0.03, diff.mean()  # pixel values in [0, 1]
+
+
 @pytest.mark.parametrize("batch_size", [8, 5])
 def test_two_ranks_cover_each_epoch_once(sized_data, batch_size):
     """2 simulated ranks: disjoint, together every image once per epoch (48 = 2 x 3 x 8); with

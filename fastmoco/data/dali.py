@@ -304,15 +304,14 @@ class DaliTwoViewLoader:
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """One batch of views as a (B, 3, S, S) tensor on the device, copied out of DALI's
-        buffers (they are reused by the next iteration)."""
-        if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        buffers (they are reused by the next iteration): on the GPU, on torch's current
+        stream, device to device."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-            dense = tensor_list.as_tensor()
-            out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
-            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
-        else:
-            out = torch.from_numpy(tensor_list.as_array())
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, out, cuda_stream=stream)
         if self.layout == "NHWC":
             out = out.permute(0, 3, 1, 2)  # (B, S, S, 3) memory, (B, 3, S, S) shape
         return out.to(self.dtype)
