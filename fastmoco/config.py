@@ -10,6 +10,9 @@ from dataclasses import dataclass
 @dataclass
 class TrainConfig:
     preset: str = "mocov2"
+    # moco (v1/v2: queue + key encoder), mocov3 (symmetric, in-batch, predictor), simclr
+    # (end-to-end, nt_xent), membank (Wu et al. 2018), drlim (margin loss on pairs)
+    method: str = "moco"
     # --- method (MoCo v2 paper values unless noted) ---
     arch: str = "resnet50"
     small_images: bool = False  # 3x3 stem, no max-pool: the CIFAR variant for 32-64 px
@@ -20,6 +23,10 @@ class TrainConfig:
     temperature: float = 0.2  # T (v1: 0.07)
     shuffle_bn: bool = True
     bn_splits: int = 1  # BN groups per device; 8 simulates 8 GPUs on one (official CIFAR demo)
+    moco_m_cos: bool = False  # v3: m rises from moco_m to 1 on a half cosine over training
+    bank_m: float = 0.5  # membank: momentum of a stored feature's update (InstDisc)
+    margin: float = 1.0  # drlim: distance dissimilar pairs are pushed to (unit embeddings)
+    frozen_patch_proj: bool = False  # ViT: keep the random patch projection (v3's stop-grad)
     # --- data ---
     data: str | None = (
         None  # ImageFolder root (with train/ and val/ inside, or itself the train set)
@@ -37,6 +44,7 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 256  # global, over all ranks
     lr: float = 0.03  # base lr for batch 256; the lr used is lr * batch_size / 256
+    optimizer: str = "sgd"  # sgd (v1/v2), lars (v3 ResNet), adamw (v3 ViT)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine (v2) or step (v1: x0.1 at lr_steps)
@@ -78,6 +86,49 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # MoCo v2 (Chen et al. 2020): MLP head, T=0.2, aug+ (blur), cosine LR.
     "mocov2": TrainConfig(preset="mocov2"),
+    # MoCo v3 (Chen et al. 2021), ResNet-50 recipe of the official code: projector
+    # 2048-4096-256, predictor 256-4096-256, T=1.0, m 0.99 -> 1 (cosine), LARS lr 0.6 x
+    # batch/256, wd 1e-6, batch 4096, 100 epochs with 10 of warm-up, crops 0.08-1, AMP.
+    "mocov3": TrainConfig(
+        preset="mocov3",
+        method="mocov3",
+        dim=256,
+        mlp_hidden=4096,
+        temperature=1.0,
+        moco_m=0.99,
+        moco_m_cos=True,
+        shuffle_bn=False,
+        optimizer="lars",
+        lr=0.6,
+        weight_decay=1e-6,
+        batch_size=4096,
+        epochs=100,
+        warmup_epochs=10,
+        crop_scale=(0.08, 1.0),
+        amp=True,
+    ),
+    # MoCo v3 ViT-S/16 (official README): AdamW lr 1.5e-4 x batch/256, wd 0.1, T=0.2,
+    # 300 epochs with 40 of warm-up, frozen random patch projection (--stop-grad-conv1).
+    "mocov3-vit": TrainConfig(
+        preset="mocov3-vit",
+        method="mocov3",
+        arch="vit_small",
+        dim=256,
+        mlp_hidden=4096,
+        temperature=0.2,
+        moco_m=0.99,
+        moco_m_cos=True,
+        shuffle_bn=False,
+        frozen_patch_proj=True,
+        optimizer="adamw",
+        lr=1.5e-4,
+        weight_decay=0.1,
+        batch_size=4096,
+        epochs=300,
+        warmup_epochs=40,
+        crop_scale=(0.08, 1.0),
+        amp=True,
+    ),
     # The embedded demo: about 3 minutes on 2 CPU cores. Measured choices (README): a narrow
     # ResNet at 32 px (throughput buys epochs), m=0.9 since a 0.99 key encoder would lag
     # most of a 400-step run, K=2048 (16 batches), shuffle BN over 4 simulated GPUs, crops

@@ -21,12 +21,13 @@ from fastmoco.config import TrainConfig
 from fastmoco.data import build_train_loader, demo_dataset, scan_image_folder
 from fastmoco.errors import UsageError
 from fastmoco.eval.knn import build_knn_loaders, knn_accuracy
-from fastmoco.models import ARCHS, MoCo
+from fastmoco.models import ALL_ARCHS, METHODS, MoCo, build_model
 from fastmoco.ops.distributed import world
 
 from . import checkpoint as ckpt
 from .distributed import launch, local_device, resolve_device
 from .metrics import MetricsLog, plot_curves
+from .optim import OPTIMIZERS, build_optimizer
 
 RUNS_ROOT = "runs"
 
@@ -51,17 +52,33 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return base * 0.1 ** sum(e >= s for s in cfg.lr_steps)
 
 
+def momentum_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Key-encoder momentum for the update after `step`: constant, or with moco_m_cos (v3)
+    m = 1 - 0.5 (1 + cos(pi t / epochs)) (1 - m0), t the epoch (fraction) of the next step,
+    the value the official code uses at the start of that step."""
+    if not cfg.moco_m_cos:
+        return cfg.moco_m
+    t = (step + 1) / steps_per_epoch
+    return 1 - 0.5 * (1 + math.cos(math.pi * t / cfg.epochs)) * (1 - cfg.moco_m)
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Errors a user can fix, raised before any process or file is made."""
-    if cfg.arch not in ARCHS:
-        raise UsageError(f"--arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
+    if cfg.arch not in ALL_ARCHS:
+        raise UsageError(f"--arch {cfg.arch!r}: choose one of {', '.join(ALL_ARCHS)}")
+    if cfg.method not in METHODS:
+        raise UsageError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.arch.startswith("vit") and cfg.method != "mocov3":
+        raise UsageError(f"--arch {cfg.arch} is for --method mocov3 (or --preset mocov3-vit)")
     if cfg.recipe not in ("v1", "v2"):
         raise UsageError(f"--recipe {cfg.recipe!r}: choose v1 or v2")
     if cfg.schedule not in ("cosine", "step"):
         raise UsageError(f"--schedule {cfg.schedule!r}: choose cosine or step")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
-    if cfg.queue_size <= cfg.batch_size:
+    if cfg.method == "moco" and cfg.queue_size <= cfg.batch_size:
         raise UsageError(
             f"--queue-size {cfg.queue_size} must be larger than --batch-size {cfg.batch_size} "
             "(the queue holds the keys of many past batches); raise --queue-size"
@@ -98,6 +115,8 @@ def train(cfg: TrainConfig, *, on_step=None) -> dict:
     """
     device = resolve_device(cfg.device, cfg.gpus)
     check_config(cfg)
+    if cfg.method == "membank" and cfg.loader == "auto":
+        cfg = cfg.replace(loader="torch")  # the bank needs the torch sampler's indices
     if cfg.amp and cfg.amp_dtype == "fp16" and device != "cuda":
         raise UsageError("--amp-dtype fp16 needs CUDA (GradScaler); use bf16 on the CPU")
     train_root, val_root = data_roots(cfg)
@@ -172,25 +191,28 @@ class Trainer:
             )
             self.num_classes = len(self.loader.classes)  # the bank is the train split
 
-        self.model = MoCo(
-            cfg.arch,
-            dim=cfg.dim,
-            K=cfg.queue_size,
-            m=cfg.moco_m,
-            T=cfg.temperature,
-            mlp_hidden=cfg.mlp_hidden,
-            small_images=cfg.small_images,
-            shuffle_bn=cfg.shuffle_bn,
-            bn_splits=cfg.bn_splits,
-            seed=cfg.seed,
-        ).to_device(self.device)
+        sampler = getattr(self.loader, "batch_sampler", None)
+        self.epoch_index = None  # membank: this rank's dataset indices of the epoch, in order
+        if cfg.method == "membank" and sampler is None:
+            raise UsageError("--method membank needs each sample's index: use --loader torch")
+        num_samples = sampler.num_samples if sampler is not None else 1
+        self.model = build_model(cfg, num_samples=num_samples).to_device(self.device)
         self.model.to(memory_format=self.mf)
-        self.optimizer = torch.optim.SGD(
+        self.is_moco = isinstance(self.model, MoCo)  # v1/v2: momentum update + enqueue
+        if cfg.method == "mocov3" and self.world_size > 1 and self.device.type == "cuda":
+            # global BN statistics, as the official v3 (SyncBN needs CUDA)
+            for name in ("encoder_q", "encoder_k"):
+                bn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self.model, name))
+                setattr(self.model, name, bn)
+        self.optimizer = build_optimizer(
+            cfg.optimizer,
             self.model.encoder_q.parameters(),
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
         )
+        # the momentum as a device scalar: a schedule changes it without a host sync
+        self.momentum_t = torch.tensor(float(cfg.moco_m), device=self.device)
         fp16 = cfg.amp and cfg.amp_dtype == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.amp_dtype = torch.float16 if fp16 else torch.bfloat16
@@ -206,6 +228,24 @@ class Trainer:
         self._stop_signal = None
 
     # --- checkpoints -------------------------------------------------------------------
+    def _generators(self) -> list[torch.Generator]:
+        """The model's own random streams (shuffle BN, negatives sampling), for exact resume."""
+        gens = (getattr(self.model, name, None) for name in ("shuffle_gen", "gen"))
+        return [g for g in gens if g is not None]
+
+    def _model_state(self) -> dict:
+        """MoCo v1/v2: the official pieces by name; other methods: everything but encoder_q
+        (key encoder, memory bank) as one state dict."""
+        m = self.model
+        if self.is_moco:
+            return {
+                "encoder_k": m.encoder_k.state_dict(),
+                "queue": m.queue,
+                "queue_ptr": m.queue_ptr,
+            }
+        rest = {k: v for k, v in m.state_dict().items() if not k.startswith("encoder_q.")}
+        return {"model": rest}
+
     def state(self) -> dict:
         m = self.model
         return {
@@ -214,12 +254,10 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "encoder_q": m.query_encoder().state_dict(),
-            "encoder_k": m.encoder_k.state_dict(),
-            "queue": m.queue,
-            "queue_ptr": m.queue_ptr,
+            **self._model_state(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_states(m.shuffle_gen),
+            "rng": ckpt.rng_states(*self._generators()),
             "history": self.history,
             "knn_random": self.knn_random,
             "bad_images": self.bad_images,
@@ -235,12 +273,21 @@ class Trainer:
         s = ckpt.load_checkpoint(path)
         m = self.model
         m.query_encoder().load_state_dict(s["encoder_q"])
-        m.encoder_k.load_state_dict(s["encoder_k"])
-        m.queue.copy_(s["queue"])
-        m.queue_ptr.copy_(s["queue_ptr"])
+        if self.is_moco:
+            m.encoder_k.load_state_dict(s["encoder_k"])
+            m.queue.copy_(s["queue"])
+            m.queue_ptr.copy_(s["queue_ptr"])
+        else:
+            missing, unexpected = m.load_state_dict(s["model"], strict=False)
+            missing = [k for k in missing if not k.startswith("encoder_q.")]
+            if missing or unexpected:
+                raise UsageError(
+                    f"{path} was written by another method or model (missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}); resume with the config it was trained with"
+                )
         self.optimizer.load_state_dict(s["optimizer"])
         self.scaler.load_state_dict(s["scaler"])
-        ckpt.set_rng_states(s["rng"], m.shuffle_gen)
+        ckpt.set_rng_states(s["rng"], *self._generators())
         self.epoch, self.step_in_epoch = s["epoch"], s["step_in_epoch"]
         self.global_step = s["global_step"]
         self.history, self.knn_random = s["history"], s["knn_random"]
@@ -274,20 +321,41 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
 
-    def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MoCo step; returns (loss, top-1 hits) as device tensors, never read here."""
+    def step(
+        self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the method; returns (loss, top-1 hits) as device tensors, never read
+        here. index: the batch's dataset indices (the memory bank needs them)."""
         lr = lr_at(self.cfg, self.global_step, self.steps_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
-            loss, k, rank = self.model(im_q, im_k)
+            if self.is_moco:
+                loss, aux, rank = self.model(im_q, im_k)
+            else:
+                loss, aux, rank = self.model(im_q, im_k, index)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.model.momentum_update_key_encoder()
-        self.model.dequeue_and_enqueue(k)
+        m = None  # the model's constant m
+        if self.cfg.moco_m_cos:
+            m = self.momentum_t
+            m.fill_(momentum_at(self.cfg, self.global_step, self.steps_per_epoch))
+        if self.is_moco:
+            self.model.momentum_update_key_encoder(m)
+            self.model.dequeue_and_enqueue(aux)
+        else:
+            self.model.after_step(aux, index, m)
         return loss.detach(), (rank == 0).sum()
+
+    def _batch_index(self) -> torch.Tensor | None:
+        """Dataset indices of the batch at step_in_epoch: the loader's batch sampler is
+        deterministic, so they are recomputed here rather than carried through the loader."""
+        if self.epoch_index is None:
+            return None
+        B = self.cfg.batch_size // self.world_size
+        return self.epoch_index[self.step_in_epoch * B : (self.step_in_epoch + 1) * B]
 
     def train_epoch(self) -> tuple[float, float]:
         """(mean loss, pretext top-1 % on this rank) over the steps run in this epoch."""
@@ -306,10 +374,13 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        if getattr(self.model, "needs_index", False):
+            idx = self.loader.batch_sampler.epoch_indices()
+            self.epoch_index = torch.tensor(idx, dtype=torch.long, device=dev)
         for im_q, im_k, _, n_bad in self.loader:
             im_q = im_q.to(dev, non_blocking=True, memory_format=self.mf)
             im_k = im_k.to(dev, non_blocking=True, memory_format=self.mf)
-            loss, h = self.step(im_q, im_k)
+            loss, h = self.step(im_q, im_k, self._batch_index())
             self.bad_images += int(n_bad)  # a CPU tensor from the loader: no device sync
             loss_sum += loss
             win_loss += loss

@@ -1,0 +1,173 @@
+r"""MoCo v3 (Chen, Xie, He 2021), shaped like the official moco-v3 builder.
+
+    f_k.params = f_q.params
+    for x in loader:
+        x1, x2 = aug(x), aug(x)
+        q1, q2 = g(f_q(x1)), g(f_q(x2))          # f_q: backbone + projector, g: predictor
+        k1, k2 = f_k(x1), f_k(x2)                # momentum encoder, no gradient
+        loss = ctr(q1, k2) + ctr(q2, k1)         # symmetric
+        loss.backward(); update(f_q, g)          # LARS (ResNet) or AdamW (ViT)
+        f_k = m * f_k + (1 - m) * f_q            # m: 0.99 -> 1 on a cosine (the trainer)
+
+    ctr(q, k) = CrossEntropy(q_hat @ k_hat_all.T / T, labels = arange(N) + N * rank) * 2T
+
+k_hat_all are the unit keys of the whole global batch (all ranks, gathered without
+gradient): in-batch negatives, no queue. The 2T factor makes the gradient's scale
+independent of T (the paper's Algorithm 1). On one rank ctr is fastmoco.ops.info_nce with
+queue=None (fused, logits never built on CUDA); across ranks each row's negatives are its
+rank's other keys plus every other rank's keys, which no single queue argument of info_nce
+expresses (a queue is shared by all rows, so the local keys would either be missing or
+count the positive twice): there the N x (N * world) logits are built, the size of the
+global batch, as the official code does.
+
+Heads (official code, where it differs from the paper's "3-layer projector" for both):
+ResNet: projector 2 layers 2048-4096-256, predictor 2 layers 256-4096-256 without a last BN;
+ViT: projector 3 layers width-4096-4096-256, predictor 2 layers with a last BN. Linear
+layers have no bias; BN + ReLU between layers; the projector ends in a BN without affine
+(SimCLR's design). The momentum update runs after the optimizer step, with the momentum
+of the next step: the same sequence as the official update at the start of each forward.
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmoco.ops import info_nce, momentum_update_
+from fastmoco.ops.distributed import all_gather_cat, world
+
+from .backbones import build_backbone
+from .vit import VIT_ARCHS, build_vit
+
+
+def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool = True):
+    """Linear (no bias) -> BN -> ReLU, num_layers times, the last one without BN/ReLU but
+    with a BN without affine when last_bn (moco-v3's _build_mlp)."""
+    layers = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else mlp_dim
+        d_out = out_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class ProjectedEncoder(nn.Module):
+    """backbone -> projector: v3's momentum encoder f_k (kNN and export use `backbone`)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class PredictorEncoder(ProjectedEncoder):
+    """backbone -> projector -> predictor: v3's query side, every trained parameter."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, predictor: nn.Module):
+        super().__init__(backbone, head)
+        self.predictor = predictor
+
+    def forward(self, x):
+        return self.predictor(self.head(self.backbone(x)))
+
+    def base_parameters(self) -> list[torch.Tensor]:
+        """backbone + projector, in encoder_k's order: the source of the momentum update."""
+        return [p for n, p in self.named_parameters() if not n.startswith("predictor.")]
+
+
+def v3_encoders(
+    arch, *, dim, mlp_dim, small_images, image_size, frozen_patch_proj
+) -> tuple[PredictorEncoder, ProjectedEncoder]:
+    """(query encoder with predictor, momentum encoder), the latter a copy without predictor."""
+    if arch in VIT_ARCHS:
+        backbone, feat = build_vit(arch, image_size=image_size, frozen_patch_proj=frozen_patch_proj)
+        proj_layers, pred_last_bn = 3, True
+    else:
+        backbone, feat = build_backbone(arch, small_images=small_images)
+        proj_layers, pred_last_bn = 2, False
+    projector = build_mlp(proj_layers, feat, mlp_dim, dim)
+    predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=pred_last_bn)
+    enc_q = PredictorEncoder(backbone, projector, predictor)
+    enc_k = ProjectedEncoder(copy.deepcopy(backbone), copy.deepcopy(projector))  # f_k = f_q
+    enc_k.requires_grad_(False)
+    return enc_q, enc_k
+
+
+def in_batch_ctr(q: torch.Tensor, k_all: torch.Tensor, offset: int, T: float):
+    """CE(q_hat @ k_hat_all.T / T, labels arange(N) + offset) per row and the positive's
+    rank: the official formula, for keys gathered from several ranks (k_all: unit keys)."""
+    q = F.normalize(q.float(), dim=1)
+    logits = q @ k_all.float().T / T  # N x (N * world)
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    pos = logits.gather(1, labels[:, None])
+    rank = (logits.detach() > pos.detach()).sum(dim=1)
+    return F.cross_entropy(logits, labels), rank
+
+
+class MoCoV3(nn.Module):
+    needs_index = False
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        *,
+        dim: int = 256,
+        mlp_dim: int = 4096,
+        m: float = 0.99,
+        T: float = 1.0,
+        small_images: bool = False,
+        image_size: int = 224,
+        frozen_patch_proj: bool = False,
+    ):
+        """dim: output of projector and predictor; mlp_dim: their hidden width; m: initial
+        momentum (the trainer's cosine schedule raises it to 1); T: 1.0 ResNet, 0.2 ViT.
+        BN is per device (the official code converts to SyncBN: use --gpus with SyncBN
+        conversion for the global statistics)."""
+        super().__init__()
+        self.m, self.T = m, T
+        self.encoder_q, self.encoder_k = v3_encoders(
+            arch,
+            dim=dim,
+            mlp_dim=mlp_dim,
+            small_images=small_images,
+            image_size=image_size,
+            frozen_patch_proj=frozen_patch_proj,
+        )
+
+    def query_encoder(self) -> PredictorEncoder:
+        return getattr(self.encoder_q, "module", self.encoder_q)
+
+    def to_device(self, device: torch.device) -> "MoCoV3":
+        return self.to(device)
+
+    def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor):
+        """ctr(q, k) * 2T over the global batch's keys; (loss, rank of each positive)."""
+        rank, world_size = world()
+        if world_size == 1:
+            loss, pos_rank = info_nce(q, k, None, self.T, return_stats=True)
+        else:
+            loss, pos_rank = in_batch_ctr(q, all_gather_cat(k), q.shape[0] * rank, self.T)
+        return loss * (2 * self.T), pos_rank
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, index=None):
+        """(loss, None, rank of q1's positives); nothing to keep for after_step."""
+        q1, q2 = self.encoder_q(x1), self.encoder_q(x2)  # predictions: N x dim
+        with torch.no_grad():
+            k1 = F.normalize(self.encoder_k(x1).float(), dim=1)  # keys: N x dim
+            k2 = F.normalize(self.encoder_k(x2).float(), dim=1)
+        loss12, rank = self.contrastive_loss(q1, k2)
+        loss21, _ = self.contrastive_loss(q2, k1)
+        return loss12 + loss21, None, rank
+
+    @torch.no_grad()
+    def after_step(self, aux, index=None, m: float | torch.Tensor | None = None) -> None:
+        """f_k <- m f_k + (1 - m) f_q (backbone and projector; the predictor has no twin)."""
+        source = self.query_encoder().base_parameters()
+        momentum_update_(list(self.encoder_k.parameters()), source, self.m if m is None else m)
