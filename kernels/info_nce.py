@@ -30,8 +30,9 @@ Backward recomputes each tile's logits from the saved lse:
 Cost model (F = N * M * C): forward 2F flops + N*M exp, reads the stream once per row tile;
 dq 4F; dstream 4F. Extra memory: O(N * splits * C), never N x M.
 
-Precision: loads in the inputs' dtypes, tl.dot accumulates in fp32; fp32 dots use TF32 only
-when torch.backends.cuda.matmul.allow_tf32 is on (as torch.matmul does). Mixed input dtypes
+Precision: loads in the inputs' dtypes, tl.dot accumulates in fp32; fp32 dots use one TF32
+product when torch.backends.cuda.matmul.allow_tf32 is on (as torch.matmul does) and three
+(tf32x3, fp32-accurate, still on tensor cores) when it is off. Mixed input dtypes
 are cast to fp32 in registers. Under TRITON_INTERPRET=1 bf16 dots are wrong, so the
 launcher casts to fp32 in registers there (bf16 loads are still exercised).
 """
@@ -45,25 +46,32 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _EPS = 1e-12  # F.normalize's eps
-_MAX_SPLITS = 32  # caps the (splits, N, C) fp32 buffer of dq at 32 * N * C * 4 bytes
+_MAX_SPLITS = 32
+# fp32 dots when TF32 is off: three TF32 products (Triton's "tf32x3") give fp32's accuracy
+# on tensor cores; "ieee" compiles to FMA loops that spill (tools/kernel_report.py).
+FP32_PRECISION = "tf32x3"  # caps the (splits, N, C) fp32 buffer of dq at 32 * N * C * 4 bytes
 
 
-def _configs(block_n, block_k, warps, stages):
+def _configs(*tiles):
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn in block_n
-        for bk in block_k
-        for w in warps
-        for s in stages
+        for bn, bk, w, s in tiles
     ]
 
 
+# (BLOCK_N, BLOCK_K, warps, stages). Kept short because every new (N, K) tunes again.
+# tools/kernel_report.py: at C = 128, 64 x 64 tiles spill with 4 warps and not with 8;
+# C = 512 is pruned down to the 32 x 32 tiles.
 if _INTERPRET:
-    _ROW_CONFIGS = _configs([16], [16], [1], [1])
-    _KEY_CONFIGS = _ROW_CONFIGS
+    _ROW_CONFIGS = _KEY_CONFIGS = _configs((16, 16, 1, 1))
 else:
-    _ROW_CONFIGS = _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
-    _KEY_CONFIGS = _configs([32, 64], [32, 64, 128], [4, 8], [2, 3])
+    _ROW_CONFIGS = _configs(
+        (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+        (32, 64, 4, 3), (32, 32, 4, 2),
+    )  # fmt: skip
+    _KEY_CONFIGS = _configs(
+        (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)
+    )
 
 
 # Autotuning keys: sizes and the modes that change the work (tensor dtypes are added by
@@ -268,8 +276,8 @@ def _flags(q, p, s, norm_qp, norm_s, excl_self, shift, backward=False):
     prob_f32 = dot_f32 or torch.float16 in dtypes
     ieee = not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32)
 
-    def precision(fp32_operands):  # like torch.matmul: TF32 only when allowed
-        return "ieee" if fp32_operands and ieee else "tf32"
+    def precision(fp32_operands):  # TF32 only where torch.matmul would use it
+        return FP32_PRECISION if fp32_operands and ieee else "tf32"
 
     flags = dict(
         NORM_QP=norm_qp,
