@@ -135,17 +135,23 @@ def _load_rows(X, stride_xn, stride_xc, rows, cols_c, N, C, NORM: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_ROW_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+    configs=_ROW_CONFIGS,
+    key=_TUNE_KEY + ["FUSE_DQ"],
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _forward_kernel(
-    Q, P, S, MAX_OUT, SUM_OUT, COUNT_OUT, POS_OUT,
+    Q, P, S, MAX_OUT, SUM_OUT, COUNT_OUT, POS_OUT, ACC_OUT,
     N, M, C, inv_T, keys_per_split, shift,
     stride_qn, stride_qc, stride_pn, stride_pc, stride_sm, stride_sc,
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    FUSE_DQ: tl.constexpr, PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    """Per split: running max, sum of exp(s - max) and count per row; with FUSE_DQ also
+    sum_j exp(s_ij - max_i) nhat_j (BLOCK_N, C), rescaled like the sum (flash attention's
+    output), from which the finalize kernel makes dq without a second pass."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_c = tl.arange(0, BLOCK_C)
@@ -163,6 +169,7 @@ def _forward_kernel(
         run_max = tl.full([BLOCK_N], -1e30, tl.float32)
         run_sum = tl.zeros([BLOCK_N], tl.float32)
     count = tl.zeros([BLOCK_N], tl.int32)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
     for j0 in range(start, end, BLOCK_K):
@@ -173,8 +180,17 @@ def _forward_kernel(
         )  # fmt: skip
         count += tl.sum((s > s_pos[:, None]).to(tl.int32), axis=1)
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        alpha = tl.exp(run_max - new_max)
+        e = tl.exp(s - new_max[:, None])
+        run_sum = run_sum * alpha + tl.sum(e, axis=1)
         run_max = new_max
+        if FUSE_DQ:
+            e = e * rk[None, :]  # nhat_j = n_j rk_j
+            if PROB_F32:
+                upd = tl.dot(e, tl.trans(kt.to(tl.float32)), input_precision=PROB_PRECISION)
+            else:
+                upd = tl.dot(e.to(kt.dtype), tl.trans(kt), input_precision=PROB_PRECISION)
+            acc = acc * alpha[:, None] + upd
 
     mask_n = rows < N
     tl.store(MAX_OUT + split * N + rows, run_max, mask=mask_n)
@@ -182,6 +198,53 @@ def _forward_kernel(
     tl.store(COUNT_OUT + split * N + rows, count, mask=mask_n)
     if split == 0:
         tl.store(POS_OUT + rows, s_pos, mask=mask_n)
+    if FUSE_DQ:
+        offs = split * N * C + rows[:, None] * C + cols_c[None, :]
+        tl.store(ACC_OUT + offs, acc, mask=mask_n[:, None] & (cols_c[None, :] < C))
+
+
+@triton.jit
+def _finalize_kernel(
+    MAX_IN, SUM_IN, COUNT_IN, POS_IN, ACC_IN, Q, P, ROWS_OUT, LSE_OUT, RANK_OUT, DQ_OUT,
+    N, C, splits, inv_T, stride_qn, stride_qc, stride_pn, stride_pc,
+    NORM_QP: tl.constexpr, FUSE_DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Merge the splits: lse, L_i = lse_i - s_i+, rank; with FUSE_DQ also
+    dq_i per unit of g_i = Jacobian_i((sum_j p_ij nhat_j + (p_i+ - 1) phat_i) / T)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rows < N
+    top = tl.full([BLOCK_N], -1e30, tl.float32)
+    for sp in range(0, splits):
+        top = tl.maximum(top, tl.load(MAX_IN + sp * N + rows, mask=mask_n, other=-1e30))
+    total = tl.zeros([BLOCK_N], tl.float32)
+    rank = tl.zeros([BLOCK_N], tl.int64)
+    for sp in range(0, splits):
+        m = tl.load(MAX_IN + sp * N + rows, mask=mask_n, other=-1e30)
+        total += tl.load(SUM_IN + sp * N + rows, mask=mask_n, other=1.0) * tl.exp(m - top)
+        rank += tl.load(COUNT_IN + sp * N + rows, mask=mask_n, other=0).to(tl.int64)
+    lse = top + tl.log(total)
+    s_pos = tl.load(POS_IN + rows, mask=mask_n, other=-1e30)  # masked rows stay finite
+    tl.store(ROWS_OUT + rows, lse - s_pos, mask=mask_n)
+    tl.store(LSE_OUT + rows, lse, mask=mask_n)
+    tl.store(RANK_OUT + rows, rank, mask=mask_n)
+    if FUSE_DQ:
+        cols_c = tl.arange(0, BLOCK_C)
+        mask = mask_n[:, None] & (cols_c[None, :] < C)
+        acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for sp in range(0, splits):  # exp(s - m_split) * exp(m_split - lse) = p_ij
+            m = tl.load(MAX_IN + sp * N + rows, mask=mask_n, other=-1e30)
+            offs = sp * N * C + rows[:, None] * C + cols_c[None, :]
+            part = tl.load(ACC_IN + offs, mask=mask, other=0.0)
+            acc += part * tl.exp(m - lse)[:, None]
+        q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
+        p, rp = _load_rows(P, stride_pn, stride_pc, rows, cols_c, N, C, NORM_QP)
+        p_hat = p.to(tl.float32) * rp[:, None]
+        d_qhat = (acc + (tl.exp(s_pos - lse) - 1.0)[:, None] * p_hat) * inv_T
+        if NORM_QP:  # through q -> q / max(||q||, eps)
+            q_hat = q.to(tl.float32) * rq[:, None]
+            radial = tl.where(rq < 1e12, tl.sum(q_hat * d_qhat, axis=1), 0.0)
+            d_qhat = (d_qhat - q_hat * radial[:, None]) * rq[:, None]
+        tl.store(DQ_OUT + rows[:, None] * C + cols_c[None, :], d_qhat, mask=mask)
 
 
 @triton.autotune(
@@ -313,25 +376,36 @@ def _splits(N, M, device):
     return triton.cdiv(M, per_split), per_split
 
 
-def forward(q, p, s, inv_T, norm_qp, norm_s, excl_self, shift):
-    """(rows (N,) fp32 loss, lse (N,) fp32, rank (N,) int64) for stream s (M, C)."""
+def forward(q, p, s, inv_T, norm_qp, norm_s, excl_self, shift, fuse_dq=False):
+    """(rows (N,) fp32 loss, lse (N,) fp32, rank (N,) int64, dq_unit) for stream s (M, C).
+
+    fuse_dq: also return d L_i / d q_i per unit of g_i (N, C) fp32, computed in the same
+    pass (valid when only q needs a gradient); otherwise dq_unit is empty."""
     N, C = q.shape
     M = s.shape[0]
     splits, per_split = _splits(N, M, q.device)
-    run_max = torch.empty(splits, N, device=q.device, dtype=torch.float32)
-    run_sum = torch.empty_like(run_max)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    run_max, run_sum = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
     count = torch.empty(splits, N, device=q.device, dtype=torch.int32)
-    s_pos = torch.empty(N, device=q.device, dtype=torch.float32)
-    flags = _flags(q, p, s, norm_qp, norm_s, excl_self, shift)
+    s_pos = torch.empty(N, **f32)
+    acc = torch.empty(splits, N, C, **f32) if fuse_dq else s_pos
+    flags = _flags(q, p, s, norm_qp, norm_s, excl_self, shift, backward=True)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     _forward_kernel[grid](
-        q, p, s, run_max, run_sum, count, s_pos,
+        q, p, s, run_max, run_sum, count, s_pos, acc,
         N, M, C, inv_T, per_split, max(shift, 0),
-        *q.stride(), *p.stride(), *s.stride(), **flags,
+        *q.stride(), *p.stride(), *s.stride(), FUSE_DQ=fuse_dq, **flags,
     )  # fmt: skip
-    top = run_max.amax(dim=0)
-    lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
-    return lse - s_pos, lse, count.sum(dim=0, dtype=torch.int64)
+    rows, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    rank = torch.empty(N, device=q.device, dtype=torch.int64)
+    dq_unit = torch.empty(N, C, **f32) if fuse_dq else torch.empty(0, **f32)
+    block_n = 16 if _INTERPRET else 32
+    _finalize_kernel[(triton.cdiv(N, block_n),)](
+        run_max, run_sum, count, s_pos, acc, q, p, rows, lse, rank, dq_unit,
+        N, C, splits, inv_T, *q.stride(), *p.stride(),
+        NORM_QP=norm_qp, FUSE_DQ=fuse_dq, BLOCK_N=block_n, BLOCK_C=flags["BLOCK_C"],
+    )  # fmt: skip
+    return rows, lse, rank, dq_unit
 
 
 def backward_dq(q, s, lse, inv_T, norm_qp, norm_s, excl_self, shift):

@@ -84,6 +84,42 @@ def test_queue_mode_fp32(N, K, C, layout):
     check(torch.randn(N, C, dtype=F64), torch.randn(N, C, dtype=F64), leaf, view)
 
 
+def q_only_grad(fn, q, k, queue, grad_out=None):
+    """fn's loss and dq when k and the queue need no gradient: the single-pass path."""
+    q = q.detach().clone().requires_grad_()
+    loss = fn(q, k, queue)
+    return loss.detach(), torch.autograd.grad(loss, q, grad_out)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "N,K,C,in_batch",
+    [(1, 1, 3, False), (37, 101, 40, False), (5, 300, 129, False), (40, None, 24, True)],
+)
+def test_single_pass_dq_when_only_q_needs_grad(N, K, C, in_batch, reduction, dtype):
+    """MoCo's case (keys and queue from the key encoder): dq comes out of the forward pass."""
+    torch.manual_seed(N + C)
+    q, k = torch.randn(N, C, device=DEVICE), torch.randn(N, C, device=DEVICE)
+    queue = None if in_batch else torch.randn(C, K, device=DEVICE).T
+    q, k = q.to(dtype), k.to(dtype)
+    queue = None if queue is None else queue.to(dtype)
+    grad_out = torch.rand(N, device=DEVICE) if reduction == "none" else None
+    loss, dq = q_only_grad(
+        lambda a, b, c: fused(a, b, c, reduction=reduction), q, k, queue, grad_out
+    )
+    wide = [None if t is None else t.double() for t in (q, k, queue)]
+    ref_loss, ref_dq = q_only_grad(
+        lambda a, b, c: info_nce_reference(a, b, c, 0.2, reduction=reduction),
+        *wide,
+        None if grad_out is None else grad_out.double(),
+    )
+    assert dq.dtype == dtype
+    atol = 2e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    assert_close(loss, ref_loss, 2e-5 if dtype == torch.float32 else 1e-4, name="loss")
+    assert_close(dq, ref_dq, atol * max(1.0, ref_dq.abs().max().item()), name="dq")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("N,C", [(1, 16), (17, 3), (40, 129)])
 def test_in_batch_mode_fp32(N, C, reduction):
@@ -234,7 +270,13 @@ def test_registered_op_passes_opcheck_and_compiles_without_graph_breaks():
     q = torch.randn(9, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(9, 16, device=DEVICE, requires_grad=True)
     queue = torch.randn(16, 40, device=DEVICE).T.requires_grad_()
-    for args in ((q, k, queue, 0.2, True, False, False, -1), (q, k, k, 0.2, True, True, True, -1)):
+    q_only = q.detach().requires_grad_()
+    samples = (
+        (q, k, queue, 0.2, True, False, False, -1, False),  # queue, every gradient
+        (q_only, k.detach(), queue.detach(), 0.2, True, False, False, -1, True),  # one pass
+        (q, k, k, 0.2, True, True, True, -1, False),  # in-batch
+    )
+    for args in samples:
         torch.library.opcheck(
             info_nce_fwd,
             args,

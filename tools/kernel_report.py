@@ -26,7 +26,7 @@ from fastmoco.kernels import info_nce as K
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _POINTERS = {
     "_forward_kernel": dict(Q="x", P="x", S="x", MAX_OUT="*fp32", SUM_OUT="*fp32",
-                            COUNT_OUT="*i32", POS_OUT="*fp32"),
+                            COUNT_OUT="*i32", POS_OUT="*fp32", ACC_OUT="*fp32"),
     "_dq_kernel": dict(Q="x", S="x", LSE="*fp32", DQ_PART="*fp32"),
     "_dstream_kernel": dict(Q="x", S="x", LSE="*fp32", G="*fp32", DS="x"),
 }  # fmt: skip
@@ -55,6 +55,8 @@ def compile_one(name, dtype, C, block_n, block_k, num_warps=4, num_stages=3):
         DOT_F32=False, PRECISION=K.FP32_PRECISION if dtype == "fp32" else "tf32",
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=max(16, triton.next_power_of_2(C)),
     )  # fmt: skip
+    if "FUSE_DQ" in fn.arg_names:  # the MoCo step: loss and dq in one pass
+        constexprs["FUSE_DQ"] = True
     if "PROB_F32" in fn.arg_names:
         constexprs.update(PROB_F32=dtype != "bf16", PROB_PRECISION=constexprs["PRECISION"])
         if dtype == "fp16":
