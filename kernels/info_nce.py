@@ -16,19 +16,28 @@ Excluded columns make the three modes one kernel: the queue (nothing excluded), 
 [z1; z2], p = the paired view: exclude j == i and j == (i + N/2) mod M).
 
 Work split. N is small in MoCo (256 per GPU gives 2-4 row tiles), so the grid also splits
-the stream: program (row tile, split) reads keys [split * KEYS_PER_SPLIT, ...) and writes
-its partial (max, sum-exp, count) per row; the launcher merges the splits in O(N * splits).
-The running max is kept (not pinned at 1/T) because the queue's rows are the caller's and
-need not be unit vectors; it costs one max and one rescale per tile.
+the stream: program (row tile, split) reads keys [split * keys_per_split, ...) and writes
+its partial (max, sum-exp, count) per row; _finalize_kernel merges the splits on the
+device (lse, L_i, rank). The running max is kept (not pinned at 1/T) because the queue's
+rows are the caller's and need not be unit vectors; it costs one rescale per tile.
 
-Backward recomputes each tile's logits from the saved lse:
+Single pass (FUSE_DQ), when only q needs a gradient (MoCo v1/v2: k and the queue come from
+the key encoder): dL/dqhat_i = g_i/T (sum_j p_ij nhat_j + (p_i+ - 1) phat_i) is a softmax-
+weighted sum of the keys, accumulated in the forward loop beside the sum-exp and rescaled
+with it (flash attention's output); the finalize kernel normalises it by the merged lse
+and applies the normalisation Jacobian, giving dq per unit of g_i. Backward is then one
+multiplication by g_i, and the stream is read once per step.
+
+Otherwise backward recomputes each tile's logits from the saved lse:
   _dq_kernel      (row tile, split): sum_j p_ij nhat_j into a (splits, N, C) fp32 buffer;
-                  the launcher adds the positive's term and the normalisation Jacobian.
+                  the op adds the positive's term and the normalisation Jacobian.
   _dstream_kernel (key tile): dn_j = Jacobian(sum_i g_i/T p_ij qhat_i), looping over all
                   rows, written once in the stream's dtype; launched only when it is needed.
 
-Cost model (F = N * M * C): forward 2F flops + N*M exp, reads the stream once per row tile;
-dq 4F; dstream 4F. Extra memory: O(N * splits * C), never N x M.
+Cost model (F = N * M * C): forward 2F flops + N*M exp, reads the stream once per row tile
+(the row tiles of one split share it through L2); single pass +2F; recompute-backward dq 4F,
+dstream 4F. Extra memory: O(N * splits * C) fp32 (splits <= 32), never N x M.
+Resources for sm_90 (registers, spills, shared memory): python tools/kernel_report.py.
 
 Precision: loads in the inputs' dtypes, tl.dot accumulates in fp32; fp32 dots use one TF32
 product when torch.backends.cuda.matmul.allow_tf32 is on (as torch.matmul does) and three
@@ -45,7 +54,6 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_EPS = 1e-12  # F.normalize's eps
 _MAX_SPLITS = 32
 # fp32 dots when TF32 is off: three TF32 products (Triton's "tf32x3") give fp32's accuracy
 # on tensor cores; "ieee" compiles to FMA loops that spill (tools/kernel_report.py).
