@@ -9,9 +9,10 @@ For every K each mechanism pre-trains for the same number of epochs on the same 
 is plotted against K (the shape of MoCo's Fig. 3, which uses linear accuracy on ImageNet),
 and the time and peak memory of one training step are tabulated (the shape of MoCo v2's
 Table 3). Step time and memory are measured apart from training, on random batches of the
-training shape, so data loading does not enter them: median of timed steps after warm-up;
-memory is CUDA's peak allocation, or on the CPU the peak bytes of live tensors created
-during the step (a lower bound of the process's growth; see bench/conftest.py).
+training shape, so data loading does not enter them: median of timed steps after warm-up
+(CUDA: 5 after 2, CPU: 3 after 1); memory is CUDA's peak allocation, or on the CPU the peak
+bytes of live tensors created during the step (a lower bound of the process's growth; see
+bench/conftest.py).
 
 Everything else is held equal: backbone, head, augmentation, temperature, learning-rate
 rule (base lr x batch/256, cosine), epochs. End-to-end at large K means a large batch and
@@ -159,7 +160,8 @@ def run_comparison(
             check_config(cfg)
             if base.progress:
                 print(f"compare: {mech}, K={K}, batch {cfg.batch_size}", flush=True)
-            sec, peak = measure_step(cfg, device, num_samples=num_samples)
+            n = (5, 2) if device.type == "cuda" else (3, 1)  # big CPU batches take seconds
+            sec, peak = measure_step(cfg, device, num_samples=num_samples, steps=n[0], warmup=n[1])
             t0 = time.perf_counter()
             res = train_fn(cfg)
             row.update(
