@@ -313,6 +313,8 @@ def test_presets_and_config_errors(tiny_data, tmp_path):
         check_config(tiny_cfg(tiny_data, tmp_path, "byol"))
     with pytest.raises(UsageError, match="mocov3"):
         check_config(tiny_cfg(tiny_data, tmp_path, "simclr", arch="vit_small"))
+    with pytest.raises(UsageError, match="multiple"):
+        check_config(tiny_cfg(tiny_data, tmp_path, "mocov3", arch="vit_small", crop_size=40))
     with pytest.raises(UsageError, match="--optimizer"):
         check_config(tiny_cfg(tiny_data, tmp_path, "simclr", optimizer="adam"))
 

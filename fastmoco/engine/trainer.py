@@ -72,6 +72,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.arch.startswith("vit") and cfg.method != "mocov3":
         raise UsageError(f"--arch {cfg.arch} is for --method mocov3 (or --preset mocov3-vit)")
+    if cfg.arch.startswith("vit") and cfg.crop_size % 16:
+        raise UsageError(f"--arch {cfg.arch} cuts 16x16 patches: --crop-size must be a multiple")
     if cfg.recipe not in ("v1", "v2"):
         raise UsageError(f"--recipe {cfg.recipe!r}: choose v1 or v2")
     if cfg.schedule not in ("cosine", "step"):
