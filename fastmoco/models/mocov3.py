@@ -128,8 +128,8 @@ class MoCoV3(nn.Module):
     ):
         """dim: output of projector and predictor; mlp_dim: their hidden width; m: initial
         momentum (the trainer's cosine schedule raises it to 1); T: 1.0 ResNet, 0.2 ViT.
-        BN is per device (the official code converts to SyncBN: use --gpus with SyncBN
-        conversion for the global statistics)."""
+        BN here is per device; the trainer converts both encoders to SyncBN on several
+        CUDA ranks, as the official code does."""
         super().__init__()
         self.m, self.T = m, T
         self.encoder_q, self.encoder_k = v3_encoders(
