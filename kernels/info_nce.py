@@ -88,10 +88,20 @@ _TUNE_KEY = ["N", "M", "BLOCK_C", "NORM_S", "EXCL_SELF", "DOT_F32"]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep tiles whose operands fit in registers: BLOCK_C is up to 512."""
+    """Keep tiles whose operands fit in registers (BLOCK_C is up to 1024; fp32 operands
+    take twice the room); if none does, the smallest tile."""
     block_c = kwargs.get("BLOCK_C") or named_args.get("BLOCK_C") or 128
-    kept = [c for c in configs if max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) * block_c <= 16384]
-    return kept or configs[:1]
+    q = named_args.get("Q")
+    wide = kwargs.get("DOT_F32") or getattr(q, "dtype", None) == torch.float32
+    budget = 8192 if wide else 16384
+
+    def tile(c):
+        return max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) * block_c
+
+    kept = [c for c in configs if tile(c) <= budget]
+    return kept or [
+        min(configs, key=lambda c: (tile(c), c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+    ]
 
 
 @triton.jit
