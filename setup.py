@@ -8,7 +8,8 @@ Install with torch already present and without build isolation, so the C++/CUDA 
 
 FASTMOCO_BUILD_CUDA=1 forces the CUDA part of the extension, =0 skips it; unset, it is built
 when torch has CUDA and CUDA_HOME holds nvcc and lib/libcudart.so (set CUDA_HOME to the
-toolkit, e.g. /usr/local/cuda, when `which nvcc` is only a wrapper). FASTMOCO_BUILD_EXT=0 skips the extension entirely.
+toolkit, e.g. /usr/local/cuda, when `which nvcc` is only a wrapper).
+FASTMOCO_BUILD_EXT=0 skips the extension entirely.
 """
 
 import glob
