@@ -453,6 +453,19 @@ def test_cuda_default_is_triton_and_captures_in_a_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_capture_without_warm_up_is_a_clear_error():
+    targets = [torch.randn(100, device="cuda") for _ in range(3)]
+    sources = [torch.randn(100, device="cuda") for _ in range(3)]
+    momentum = torch.tensor(0.9, device="cuda")  # made outside: a host copy cannot be captured
+    momentum_update_module._plans.clear()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="call it once before capturing"):
+        with torch.cuda.graph(graph):
+            momentum_update_(targets, sources, momentum)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_triton_odd_sizes(dtype):
     gen = torch.Generator().manual_seed(14)

@@ -225,6 +225,12 @@ def _ema_triton(targets, sources, momentum) -> None:
     )
     plan = _plans.get(key)
     if plan is None:
+        if key[0].type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "momentum_update_ builds its device table on the first call for a model, a "
+                "host-to-device copy that cannot be captured: call it once before capturing "
+                "the CUDA graph (the usual warm-up step)"
+            )
         if len(_plans) >= _PLAN_CACHE_SIZE:
             _plans.pop(next(iter(_plans)))  # the oldest
         plan = _plans[key] = build_ema_plan([t for t, _ in pairs], [s for _, s in pairs])
