@@ -280,6 +280,7 @@ class DaliTwoViewLoader:
             device_id=self.device.index if gpu else None,
             seed=seed,
             prefetch_queue_depth=2,
+            exec_dynamic=True,  # outputs owned by their Python objects, not recycled by run()
         )
         with pipe:
             paths = fn.external_source(source=feeder, batch=True, dtype=types.UINT8)
@@ -394,18 +395,31 @@ class DaliTwoViewLoader:
 
     def _run(self) -> Iterator[tuple]:
         views = 1 + (len(DEBUG_DRAWS) if self.debug else 0)
-        while True:
-            try:
-                out = self._pipe.run()
-            except StopIteration:
-                return
-            _, _, labels, n_bad = self._feeder.in_flight.popleft()
-            view1, view2 = self._to_torch(out[0]), self._to_torch(out[views])
-            target = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
-            item = (view1, view2, target, torch.tensor(n_bad, dtype=torch.int64))
-            if self.debug:
-                item = (*item, [self._draws(out, v * views + 1) for v in range(2)])
-            yield item
+        copied = None  # on the GPU: an event after the last batch's copies out of DALI
+        try:
+            while True:
+                if copied is not None:
+                    # DALI frees its output buffers, on its own stream, when `out` is dropped
+                    # below; the copies out of them were queued on torch's stream: let them
+                    # run first. The host stays at most about one training step ahead.
+                    copied.synchronize()
+                try:
+                    out = self._pipe.run()
+                except StopIteration:
+                    return
+                _, _, labels, n_bad = self._feeder.in_flight.popleft()
+                view1, view2 = self._to_torch(out[0]), self._to_torch(out[views])
+                target = torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    copied = torch.cuda.Event()
+                    copied.record(torch.cuda.current_stream(self.device))
+                item = (view1, view2, target, torch.tensor(n_bad, dtype=torch.int64))
+                if self.debug:
+                    item = (*item, [self._draws(out, v * views + 1) for v in range(2)])
+                yield item
+        finally:  # also when the consumer stops early: the same wait before `out` goes
+            if copied is not None:
+                copied.synchronize()
 
     @staticmethod
     def _draws(out, first: int) -> dict[str, np.ndarray]:
