@@ -226,10 +226,16 @@ def test_extension_op_passes_opcheck():
 
 
 @needs_ext
-def test_extension_op_under_torch_compile():
+@pytest.mark.parametrize("call", ["op", "enqueue_"])
+def test_extension_op_under_torch_compile(call):
+    """fullgraph: the public op, checks included, traces without a graph break."""
+
     @torch.compile(backend="aot_eager", fullgraph=True)
     def step(queue, ptr, keys):
-        torch.ops.fastmoco.enqueue_(queue, ptr, keys * 2)
+        if call == "op":
+            torch.ops.fastmoco.enqueue_(queue, ptr, keys * 2)
+        else:
+            enqueue_(queue, ptr, keys * 2, backend="cuda")
 
     queue, ptr = torch.zeros(7, 3), torch.tensor([5])
     want, want_ptr = torch.zeros(7, 3), torch.tensor([5])

@@ -25,33 +25,39 @@ from fastmoco.ops._backend import select_backend
 _BACKENDS = ("torch", "cuda")
 
 
-@functools.cache
-def extension_op():
-    """torch.ops.fastmoco.enqueue_ from the built extension (fastmoco._C), or None."""
+def _load_extension():
+    """torch.ops.fastmoco.enqueue_ from the built extension (fastmoco._C), or None.
+
+    Run once at import, so the fake kernel is registered before anything is traced or
+    compiled, and so that torch.compile finds plain module constants here, not calls.
+    """
     try:
         import fastmoco._C  # noqa: F401  (loading it registers the op)
     except ImportError:
         return None
-    op = torch.ops.fastmoco.enqueue_.default
 
     # The fake (meta) kernel torch.compile traces with: the op only mutates its inputs.
     @torch.library.register_fake("fastmoco::enqueue_")
     def _(queue, ptr, keys):
         return None
 
-    return op
+    return torch.ops.fastmoco.enqueue_.default
 
 
-# Loaded at import, so the fake kernel is registered before anything is traced or compiled.
-extension_op()
+_OP = _load_extension()
+_OP_HAS_CUDA = _OP is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastmoco::enqueue_", "CUDA"
+)
 
 
-@functools.cache
+def extension_op():
+    """torch.ops.fastmoco.enqueue_.default, or None when fastmoco._C is not built."""
+    return _OP
+
+
 def extension_has_cuda() -> bool:
     """The extension was built with its CUDA kernel (FASTMOCO_WITH_CUDA)."""
-    return extension_op() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastmoco::enqueue_", "CUDA"
-    )
+    return _OP_HAS_CUDA
 
 
 @functools.cache
