@@ -339,6 +339,22 @@ def test_corrupt_jpeg_named_or_counted(tmp_path):
         assert all(b[0].shape == (8, 3, 32, 32) for b in batches)
 
 
+def test_dali_failure_on_readable_files_is_explained(sized_data):
+    """When PIL reads every file in flight, the error quotes DALI's operator and cause."""
+    loader = dali(sized_data)
+    paths = [[loader.samples[0][0], loader.samples[1][0]]]
+    error = RuntimeError(
+        "Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\n"
+        "which was used in the pipeline definition with the following traceback:\n\n"
+        '  File "x.py", line 1\n\nencountered:\n\nnvImageCodec failure: #3\n'
+        "Current pipeline object is no longer valid.\n"
+    )
+    match = r"failed on images .*000\.jpg \.\.\. .*001\.jpg, all of which PIL can read "
+    match += r"\(Error in CPU operator `nvidia\.dali\.fn\.decoders\.image`: nvImageCodec failure"
+    with pytest.raises(DataError, match=match):
+        loader._find_bad_file(paths, error)
+
+
 def test_bad_arguments_are_named(sized_data):
     with pytest.raises(UsageError, match="layout"):
         dali(sized_data, layout="CHW")

@@ -141,16 +141,16 @@ def augment_view(
         antialias=True,
     )
     if recipe == "v1":
-        (b, c, s, h), jitter = V1_JITTER, _coin(1.0)
+        (bright, contrast, sat, hue), jitter = V1_JITTER, _coin(1.0)
     else:
-        (b, c, s, h), jitter = V2_JITTER, _coin(V2_JITTER_P)
+        (bright, contrast, sat, hue), jitter = V2_JITTER, _coin(V2_JITTER_P)
     gray = _coin(GRAYSCALE_P)
     view = fn.color_twist(
         view,
-        brightness=_jitter_factor(b, jitter),
-        contrast=_jitter_factor(c, jitter),
-        saturation=_jitter_factor(s, jitter) * (1 - gray),
-        hue=jitter * fn.random.uniform(range=(-h * 360, h * 360)),  # degrees
+        brightness=_jitter_factor(bright, jitter),
+        contrast=_jitter_factor(contrast, jitter),
+        saturation=_jitter_factor(sat, jitter) * (1 - gray),
+        hue=jitter * fn.random.uniform(range=(-hue * 360, hue * 360)),  # turns -> degrees
     )
     if recipe == "v2":
         blur = _coin(V2_BLUR_P)
@@ -167,9 +167,17 @@ def augment_view(
         dtype=out_dtype,
         output_layout=out_layout,
     )
-    draws = dict(image_hw=image_hw, crop_hw=crop_hw, flip=flip, gray=gray, jitter=jitter, blur=blur)
-    draws["sigma"] = sigma
-    return view, draws
+    draws = dict(image_hw=image_hw, crop_hw=crop_hw, flip=flip, gray=gray, jitter=jitter)
+    return view, {**draws, "blur": blur, "sigma": sigma}
+
+
+def _dali_reason(error: Exception) -> str:
+    """The operator and the cause out of DALI's multi-line error (traceback elided)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    op = next((line.rstrip(",") for line in lines if line.startswith("Error in")), None)
+    cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else None
+    found = [x for x in (op, cause) if x]
+    return ": ".join(found) if found else (lines[0] if lines else type(error).__name__)
 
 
 class _PathFeeder:
@@ -305,8 +313,8 @@ class DaliTwoViewLoader:
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """One batch of views as a (B, 3, S, S) tensor on the device, copied out of DALI's
-        buffers (they are reused by the next iteration): on the GPU, on torch's current
-        stream, device to device."""
+        buffers (DALI frees or reuses them): on the GPU device to device, on torch's current
+        stream."""
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
         dense = tensor_list.as_tensor()
@@ -358,10 +366,11 @@ class DaliTwoViewLoader:
                         ) from None
                     self.bad.add(next(i for i, s in enumerate(self.samples) if s[0] == path))
                     return
-        first = str(dali_error).strip().splitlines()
+        files = [p for paths in batches for p in paths]
+        where = f"images {files[0]} ... {files[-1]}" if files else "its first batch"
         raise DataError(
-            f"DALI failed on a batch starting with {batches[0][0]} although every file in "
-            f"it opens with PIL ({first[-1] if first else dali_error}): try --loader torch"
+            f"the DALI pipeline failed on {where}, all of which PIL can read "
+            f"({_dali_reason(dali_error)}): use --loader torch"
         ) from dali_error
 
     def __iter__(self) -> Iterator[tuple]:
