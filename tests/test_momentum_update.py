@@ -330,7 +330,7 @@ def test_triton_small_chunks_cover_every_element():
         assert_ema_close(got, w, t0, s, name=f"size {sizes[i]}")
     for t in targets:
         t.fill_(1000.0)  # poison; m = 0 must write the source into every element
-    ema_(plan, torch.tensor(0.0))
+    ema_(plan, torch.tensor(0.0, device=DEVICE))
     for i, (got, s) in enumerate(zip(targets, sources, strict=True)):
         assert torch.equal(got, s), f"size {sizes[i]}: poisoned elements not written"
 
@@ -402,15 +402,18 @@ def test_triton_table_is_cached_per_structure():
     assert len(momentum_update_module._plans) == 2
     assert_ema_close(others[0], want[0], want[0], sources[1], name="new structure")
     momentum_update_([], [], 0.5, backend="triton")  # empty lists: nothing to launch
-    momentum_update_([torch.empty(0)], [torch.empty(0)], 0.5, backend="triton")
+    empty = [torch.empty(0, device=DEVICE)]
+    momentum_update_(empty, empty, 0.5, backend="triton")
     momentum_update_module._plans.clear()
 
 
 @needs_triton_here
 def test_triton_tensor_momentum_is_never_read_on_the_host():
     targets, sources = _lists()
+    targets, sources = [t.to(DEVICE) for t in targets], [s.to(DEVICE) for s in sources]
+    momentum = torch.tensor(0.99, device=DEVICE)
     with NoHostSync():
-        momentum_update_(targets, sources, torch.tensor(0.99), backend="triton")
+        momentum_update_(targets, sources, momentum, backend="triton")
 
 
 def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
