@@ -1,4 +1,4 @@
-"""`fastmoco train | knn`: the command line. `fastmoco train --help` is the manual."""
+"""`fastmoco train | knn | lincls | export`: the command line; `--help` of each is the manual."""
 
 import argparse
 import sys
@@ -91,24 +91,6 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _knn_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "knn",
-        help="weighted kNN top-1 of a checkpoint's encoder",
-        description="Weighted kNN (k=200, t=0.1) of a fastmoco checkpoint's query backbone: "
-        "DATA/train is the memory bank, DATA/val the queries.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--data", help="ImageFolder root with train/ and val/ (default: the demo set)")
-    p.add_argument("--pretrained", required=True, help="fastmoco checkpoint.pt")
-    p.add_argument("--k", type=int, default=200)
-    p.add_argument("--t", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return p
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     preset = args.preset or ("demo" if args.data is None else "mocov2")
     overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "preset")}
@@ -122,34 +104,25 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_knn(args) -> int:
-    from fastmoco.eval.knn_command import knn_command
-
-    top1 = knn_command(
-        args.pretrained,
-        data=args.data,
-        k=args.k,
-        t=args.t,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-    )
-    print(f"kNN top-1: {top1:.2f}% (k={args.k}, t={args.t}, {args.pretrained})")
-    return 0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="fastmoco", description="Fast MoCo (Momentum Contrast) training engine."
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)
-    _knn_parser(sub)
+    from fastmoco.eval.checkpoint_io import add_export_parser, cmd_export
+    from fastmoco.eval.knn_command import add_knn_parser, cmd_knn
+    from fastmoco.eval.lincls import add_lincls_parser, cmd_lincls
+
+    add_knn_parser(sub)
+    add_lincls_parser(sub)
+    add_export_parser(sub)
     args = parser.parse_args(argv)
     from fastmoco.engine.trainer import Interrupted
 
     try:
-        return {"train": cmd_train, "knn": cmd_knn}[args.cmd](args)
+        commands = {"knn": cmd_knn, "lincls": cmd_lincls, "export": cmd_export}
+        return {"train": cmd_train, **commands}[args.cmd](args)
     except UsageError as e:
         print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
         return 2

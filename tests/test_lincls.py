@@ -1,0 +1,137 @@
+"""`fastmoco lincls`: the frozen backbone, the protocol, exact resume, two ranks, official
+checkpoints in, and a trained backbone ahead of a random one."""
+
+import json
+
+import pytest
+import torch
+from test_checkpoint_io import fastmoco_checkpoint, official_moco_checkpoint
+
+from fastmoco.cli import main
+from fastmoco.engine.distributed import launch
+from fastmoco.eval.lincls import LinclsConfig, LinearProbe, _lincls_rank, lincls
+
+
+def probe_cfg(pretrained, data, out, **kw) -> LinclsConfig:
+    base = LinclsConfig(
+        preset="test",
+        pretrained=str(pretrained),
+        data=str(data),
+        out=str(out),
+        epochs=2,
+        lr_steps=(1,),
+        batch_size=12,
+        lr=0.1,
+        crop_size=16,
+        crop_scale=(0.5, 1.0),
+        workers=0,
+        device="cpu",
+        progress=False,
+    )
+    return base.replace(**kw)
+
+
+def _backbone(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
+
+
+def test_backbone_frozen_protocol_and_exact_resume(tiny_data, tmp_path):
+    """BN statistics included, the backbone is bit-identical after training (bf16 autocast
+    and channels_last on); only fc is optimised; lr x0.1 at the step; resume is exact."""
+    src = fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")  # random BN stats
+    want = {k[len("backbone.") :]: v for k, v in src["encoder_q"].items() if "backbone." in k}
+    opts = dict(amp=True, channels_last=True)
+    res = lincls(probe_cfg(tmp_path / "pre.pt", tiny_data, tmp_path / "full", **opts))
+    ck = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    got = _backbone(ck["state_dict"])
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert ck["optimizer"]["param_groups"][0]["params"] == [0, 1]  # fc.weight, fc.bias
+    assert ck["state_dict"]["fc.weight"].shape == (3, 128)
+    assert abs(ck["state_dict"]["fc.bias"]).sum() > 0  # trained from its zero init
+    assert [h["lr"] for h in res["history"]] == pytest.approx([0.1, 0.01])
+    assert all(0 <= h["top1"] <= h["top5"] <= 100 for h in res["history"])
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["top1"] for r in recs] == [h["top1"] for h in res["history"]]
+
+    # one epoch, then resume to two: the same fc, optimizer and history as the unbroken run
+    half = tmp_path / "half"
+    lincls(probe_cfg(tmp_path / "pre.pt", tiny_data, half, epochs=1, **opts))
+    lincls(probe_cfg(tmp_path / "pre.pt", tiny_data, half, resume="auto", **opts))
+    ck2 = torch.load(half / "checkpoint.pt", weights_only=False)
+    for k in ("fc.weight", "fc.bias"):
+        assert torch.equal(ck["state_dict"][k], ck2["state_dict"][k]), k
+    assert [h["top1"] for h in ck2["history"]] == [h["top1"] for h in ck["history"]]
+
+
+def test_sanity_check_catches_bn_in_train_mode(tiny_data, tmp_path):
+    """The check can fail: with BN left in train mode, its running statistics move."""
+    fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")
+    probe = LinearProbe(
+        probe_cfg(tmp_path / "pre.pt", tiny_data, tmp_path / "o"), tiny_data, tmp_path / "o"
+    )
+    probe.sanity_check()
+    probe.backbone.eval = lambda: probe.backbone.train(True)  # what the protocol forbids
+    probe.train_epoch()
+    with pytest.raises(RuntimeError, match="changed the frozen backbone: .*running_"):
+        probe.sanity_check()
+    probe.log.close()
+
+
+def test_official_checkpoint_in_lincls_and_knn(tiny_data, tmp_path, capsys):
+    q = official_moco_checkpoint(tmp_path / "moco_v2_200ep.pth.tar")
+    args = ["--pretrained", str(tmp_path / "moco_v2_200ep.pth.tar"), "--data", str(tiny_data)]
+    args += ["--workers", "0", "--device", "cpu", "--crop-size", "32"]
+    code = main(["lincls", *args, "--epochs", "1", "--batch-size", "12", "--lr", "0.1",
+                 "--out", str(tmp_path / "lc"), "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "moco layout, resnet18, epoch 200" in out
+    assert ("dropped (projection head): module.encoder_q.fc.0.weight, module.encoder_q.fc.0.bias, "
+            "module.encoder_q.fc.2.weight, module.encoder_q.fc.2.bias") in out  # fmt: skip
+    assert "dropped (key encoder): module.encoder_k.* (" in out
+    assert "dropped (queue): module.queue, module.queue_ptr" in out
+    assert "missing: fc.weight, fc.bias (re-initialised" in out
+    ck = torch.load(tmp_path / "lc" / "checkpoint.pt", weights_only=False)
+    for k, v in q.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(ck["state_dict"][k], v), k
+    code = main(["knn", *args, "--k", "5"])
+    out = capsys.readouterr().out
+    assert code == 0 and "kNN top-1:" in out and "moco layout" in out
+
+
+def test_cli_errors(tiny_data, tmp_path, capsys):
+    fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")
+    base = ["lincls", "--pretrained", str(tmp_path / "pre.pt"), "--workers", "0"]
+    base += ["--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"]
+    code = main([*base, "--data", str(tiny_data / "train")])
+    assert code == 2 and "needs train/ and val/" in capsys.readouterr().err
+    code = main([*base, "--data", str(tiny_data), "--batch-size", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "larger than the train split (36 images" in err
+    code = main([*base, "--data", str(tiny_data), "--arch", "resnet50"])
+    assert code == 2 and "drop --arch" in capsys.readouterr().err
+    code = main([*base[:2], str(tiny_data), *base[3:], "--data", str(tiny_data)])
+    assert code == 2 and "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_two_ranks_match_one_process(tiny_data, tmp_path):
+    """--gpus 2 semantics on gloo: each rank half the global batch, fc's gradients
+    all-reduced by DDP, val counts summed: the same fc and accuracies as one process."""
+    fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")
+    norm = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
+    one = probe_cfg(tmp_path / "pre.pt", tiny_data, tmp_path / "w1", epochs=1, **norm)
+    lincls(one)
+    two = one.replace(out=str(tmp_path / "w2"), gpus=2)
+    (tmp_path / "w2").mkdir()
+    launch(_lincls_rank, (two, str(tiny_data), str(tmp_path / "w2"), None), nprocs=2,
+           device="cpu")  # fmt: skip
+    a = torch.load(tmp_path / "w1" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "w2" / "checkpoint.pt", weights_only=False)
+    for k in ("fc.weight", "fc.bias"):
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6)
+    assert a["history"][0]["top1"] == b["history"][0]["top1"]
+    assert a["history"][0]["top5"] == b["history"][0]["top5"]
