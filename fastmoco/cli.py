@@ -1,4 +1,7 @@
-"""`fastmoco train | knn | lincls | export`: the command line; `--help` of each is the manual."""
+"""`fastmoco train | knn | lincls | export | compare`: the command line.
+
+`fastmoco <command> --help` is the manual of each command.
+"""
 
 import argparse
 import sys
@@ -28,7 +31,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="configuration (default: demo without --data, mocov2 with it)",
     )
     a("--data", help="ImageFolder root: DIR/train and DIR/val (kNN monitor), or DIR as train set")
-    a("--arch", help=f"backbone (mocov2: {D.arch}; resnet18, resnet34, resnet50, resnet-tiny)")
+    a(
+        "--arch",
+        help=f"backbone (mocov2: {D.arch}; resnet18, resnet34, resnet50, resnet-tiny; "
+        "vit_small, vit_base with mocov3)",
+    )
     a(
         "--small-images",
         action="store_true",
@@ -48,6 +55,28 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     a("--queue-size", type=int, help=f"K, negatives in the queue (mocov2: {D.queue_size})")
     a("--moco-m", type=float, help=f"key-encoder momentum m (mocov2: {D.moco_m})")
     a("--temperature", type=float, help=f"T (mocov1: 0.07, mocov2: {D.temperature})")
+    a(
+        "--method",
+        choices=["moco", "mocov3", "simclr", "membank", "drlim"],
+        help="moco (v1/v2, default), mocov3 (set by --preset mocov3), simclr (end-to-end), "
+        "membank (memory bank, --queue-size negatives), drlim (margin loss on pairs)",
+    )
+    a("--dim", type=int, help=f"output feature dimension (mocov2: {D.dim}, mocov3: 256)")
+    a(
+        "--moco-m-cos",
+        action="store_true",
+        default=None,
+        help="raise the momentum from --moco-m to 1 on a half cosine (mocov3)",
+    )
+    a("--optimizer", choices=["sgd", "lars", "adamw"], help="sgd (v1/v2), lars, adamw (v3 ViT)")
+    a("--bank-m", type=float, help=f"membank: momentum of the stored features ({D.bank_m})")
+    a("--margin", type=float, help=f"drlim: margin of dissimilar pairs ({D.margin})")
+    a(
+        "--frozen-patch-proj",
+        action="store_true",
+        default=None,
+        help="ViT: keep the random patch projection frozen (mocov3-vit)",
+    )
     a("--mlp-hidden", type=int, help="hidden width of the MLP head; 0 = v1's fc head")
     a("--recipe", choices=["v1", "v2"], help="augmentation recipe (v2 adds blur)")
     a("--crop-size", type=int, help=f"training crop in pixels (mocov2: {D.crop_size})")
@@ -111,17 +140,20 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _train_parser(sub)
     from fastmoco.eval.checkpoint_io import add_export_parser, cmd_export
+    from fastmoco.eval.compare import add_compare_parser, cmd_compare
     from fastmoco.eval.knn_command import add_knn_parser, cmd_knn
     from fastmoco.eval.lincls import add_lincls_parser, cmd_lincls
 
     add_knn_parser(sub)
     add_lincls_parser(sub)
     add_export_parser(sub)
+    add_compare_parser(sub)
     args = parser.parse_args(argv)
     from fastmoco.engine.trainer import Interrupted
 
     try:
         commands = {"knn": cmd_knn, "lincls": cmd_lincls, "export": cmd_export}
+        commands["compare"] = cmd_compare
         return {"train": cmd_train, **commands}[args.cmd](args)
     except UsageError as e:
         print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
