@@ -78,7 +78,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="ViT: keep the random patch projection frozen (mocov3-vit)",
     )
     a("--mlp-hidden", type=int, help="hidden width of the MLP head; 0 = v1's fc head")
-    a("--recipe", choices=["v1", "v2"], help="augmentation recipe (v2 adds blur)")
+    a(
+        "--recipe",
+        choices=["v1", "v2", "v3"],
+        help="augmentation: v1, v2 (adds blur), v3 (BYOL's asymmetric pair, solarize)",
+    )
     a("--crop-size", type=int, help=f"training crop in pixels (mocov2: {D.crop_size})")
     a("--bn-splits", type=int, help="BN groups per device for shuffle BN (8 simulates 8 GPUs)")
     a(

@@ -31,7 +31,7 @@ class TrainConfig:
     data: str | None = (
         None  # ImageFolder root (with train/ and val/ inside, or itself the train set)
     )
-    recipe: str = "v2"  # augmentation: v1 or v2 (aug+ with blur)
+    recipe: str = "v2"  # augmentation: v1, v2 (aug+ with blur) or v3 (BYOL's pair)
     crop_size: int = 224
     crop_scale: tuple[float, float] = (0.2, 1.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -105,6 +105,7 @@ PRESETS: dict[str, TrainConfig] = {
         epochs=100,
         warmup_epochs=10,
         crop_scale=(0.08, 1.0),
+        recipe="v3",
         amp=True,
     ),
     # MoCo v3 ViT-S/16 (official README): AdamW lr 1.5e-4 x batch/256, wd 0.1, T=0.2,
@@ -127,6 +128,7 @@ PRESETS: dict[str, TrainConfig] = {
         epochs=300,
         warmup_epochs=40,
         crop_scale=(0.08, 1.0),
+        recipe="v3",
         amp=True,
     ),
     # The embedded demo: about 3 minutes on 2 CPU cores. Measured choices (README): a narrow

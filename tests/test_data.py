@@ -135,8 +135,8 @@ def test_all_bad_gives_up(tmp_path):
 
 def test_recipe_parameters():
     assert [blur_kernel_size(s) for s in (224, 96, 64, 32, 16)] == [23, 9, 7, 3, 3]
-    with pytest.raises(UsageError, match="recipe 'v3'"):
-        two_view_transform("v3")
+    with pytest.raises(UsageError, match="recipe 'v4'"):
+        two_view_transform("v4")
     with pytest.raises(UsageError, match="odd"):
         two_view_transform("v2", blur_kernel=4)
     x = eval_transform(crop_size=28)(Image.new("RGB", (50, 40)))
@@ -378,3 +378,32 @@ def test_demo_command_and_contact_sheet(tmp_path, capsys):
     assert seconds < 30  # the default set; about 2-3 s on 2 cores
     png = demo_contact_sheet(tmp_path / "demo", tmp_path / "sheet.png", per_class=4)
     assert Image.open(png).size == (80 + 4 * 128, 10 * 128)
+
+
+def test_v3_recipe_is_asymmetric():
+    """moco-v3's pair: view 1 always blurred and never solarized; view 2 blurred with
+    p=0.1 and solarized with p=0.2; both jitter 0.4/0.4/0.2/0.1 with p=0.8."""
+    from torchvision import transforms as T
+
+    from fastmoco.data.augment import two_view_transform
+
+    pair = two_view_transform("v3", crop_size=32, crop_scale=(0.08, 1.0))
+    steps = [pair.transform.transforms, pair.transform2.transforms]
+
+    def find(view, kind):
+        for step in steps[view]:
+            inner = step.transforms[0] if isinstance(step, T.RandomApply) else step
+            if isinstance(inner, kind):
+                return step
+        return None
+
+    for view, blur_p, solarize_p in ((0, 1.0, 0.0), (1, 0.1, 0.2)):
+        assert find(view, T.GaussianBlur).p == blur_p
+        assert find(view, T.RandomSolarize).p == solarize_p
+        jitter = find(view, T.ColorJitter)
+        assert jitter.p == 0.8
+        assert jitter.transforms[0].saturation == (0.8, 1.2)  # strength 0.2, not v2's 0.4
+        assert find(view, T.RandomResizedCrop).scale == (0.08, 1.0)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    v1, v2 = pair(img)
+    assert v1.shape == v2.shape == (3, 32, 32)

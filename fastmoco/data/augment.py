@@ -3,8 +3,12 @@
 MoCo v1 (He et al. 2019, "Momentum Contrast for Unsupervised Visual Representation
 Learning", sec. 3.3 and the official main_moco.py) and MoCo v2's "aug+" (Chen et al. 2020,
 "Improved Baselines with Momentum Contrastive Learning", sec. 2, which borrows SimCLR's
-blur). Each training image gives two views, each drawn independently from the same
+blur): each training image gives two views, each drawn independently from the same
 distribution; the positive pair of the contrastive loss is (view1, view2).
+MoCo v3 (Chen, Xie, He 2021; the official moco-v3 main_moco.py) takes BYOL's asymmetric
+pair: both views jitter 0.4/0.4/0.2/0.1 (p=0.8) and grayscale (p=0.2); view 1 is always
+blurred, view 2 blurred with p=0.1 and solarized with p=0.2. Its crop scale, 0.08-1, is
+the preset's crop_scale.
 
 The transforms draw their randomness from torch's global CPU generator only, so the
 dataset can make every view a pure function of (seed, epoch, index) by seeding that
@@ -41,7 +45,13 @@ BLUR_KERNEL_FRACTION = 0.1
 # Eval: Resize(256) + CenterCrop(224), i.e. the crop covers 87.5% of the resized side.
 EVAL_CROP_FRACTION = 0.875
 
-RECIPES = ("v1", "v2")
+# v3 (BYOL's recipe in moco-v3): jitter strengths, blur and solarize p per view.
+V3_JITTER = (0.4, 0.4, 0.2, 0.1)
+V3_BLUR_P = (1.0, 0.1)
+V3_SOLARIZE_P = (0.0, 0.2)
+SOLARIZE_THRESHOLD = 128  # PIL's ImageOps.solarize default, as moco-v3's Solarize uses
+
+RECIPES = ("v1", "v2", "v3")
 
 
 def blur_kernel_size(crop_size: int) -> int:
@@ -62,38 +72,57 @@ def view_transform(
     std: Sequence[float] = IMAGENET_STD,
     crop_scale: tuple[float, float] = CROP_SCALE,
     blur_kernel: int | None = None,
+    view: int = 0,
 ) -> T.Compose:
-    """One augmented view: PIL RGB image -> normalised float tensor (3, crop_size, crop_size)."""
+    """One augmented view: PIL RGB image -> normalised float tensor (3, crop_size, crop_size).
+
+    view (0 or 1) only matters for v3, whose two views follow different recipes."""
     crop = T.RandomResizedCrop(crop_size, scale=crop_scale)
     tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    if recipe not in RECIPES:
+        raise UsageError(f"augmentation recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     if recipe == "v1":
         # Order as in the official v1 code: grayscale before jitter.
-        middle = [T.RandomGrayscale(p=GRAYSCALE_P), T.ColorJitter(*V1_JITTER)]
-    elif recipe == "v2":
-        kernel = blur_kernel or blur_kernel_size(crop_size)
-        if kernel < 1 or kernel % 2 == 0:
-            raise UsageError(f"blur kernel {kernel}: must be an odd positive number of pixels")
+        return T.Compose([crop, T.RandomGrayscale(p=GRAYSCALE_P), T.ColorJitter(*V1_JITTER), *tail])
+    kernel = blur_kernel or blur_kernel_size(crop_size)
+    if kernel < 1 or kernel % 2 == 0:
+        raise UsageError(f"blur kernel {kernel}: must be an odd positive number of pixels")
+    blur = T.GaussianBlur(kernel, sigma=V2_BLUR_SIGMA)  # sigma U[0.1, 2] in v2 and v3
+    if recipe == "v2":
         middle = [
             T.RandomApply([T.ColorJitter(*V2_JITTER)], p=V2_JITTER_P),
             T.RandomGrayscale(p=GRAYSCALE_P),
-            T.RandomApply([T.GaussianBlur(kernel, sigma=V2_BLUR_SIGMA)], p=V2_BLUR_P),
+            T.RandomApply([blur], p=V2_BLUR_P),
         ]
     else:
-        raise UsageError(f"augmentation recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        middle = [
+            T.RandomApply([T.ColorJitter(*V3_JITTER)], p=V2_JITTER_P),
+            T.RandomGrayscale(p=GRAYSCALE_P),
+            T.RandomApply([blur], p=V3_BLUR_P[view]),
+            T.RandomSolarize(SOLARIZE_THRESHOLD, p=V3_SOLARIZE_P[view]),
+        ]
     return T.Compose([crop, *middle, *tail])
 
 
 class TwoViews:
-    """img -> (view1, view2): the same transform applied twice, each call drawing afresh."""
+    """img -> (view1, view2): transform1 then transform2 (the same one unless the recipe is
+    asymmetric), each call drawing afresh."""
 
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self,
+        transform: Callable[[Image.Image], torch.Tensor],
+        transform2: Callable[[Image.Image], torch.Tensor] | None = None,
+    ):
         self.transform = transform
+        self.transform2 = transform2 or transform
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(img), self.transform(img)
+        return self.transform(img), self.transform2(img)
 
     def __repr__(self) -> str:
-        return f"TwoViews({self.transform!r})"
+        if self.transform2 is self.transform:
+            return f"TwoViews({self.transform!r})"
+        return f"TwoViews({self.transform!r}, {self.transform2!r})"
 
 
 def two_view_transform(
@@ -104,11 +133,15 @@ def two_view_transform(
     crop_scale: tuple[float, float] = CROP_SCALE,
     blur_kernel: int | None = None,
 ) -> TwoViews:
-    """The training transform of MoCo v1 ("v1") or v2 ("v2", aug+): img -> (view1, view2).
+    """The training transform of MoCo v1 ("v1"), v2 ("v2", aug+) or v3 ("v3", BYOL's
+    asymmetric pair): img -> (view1, view2).
 
-    blur_kernel (v2 only) defaults to blur_kernel_size(crop_size).
+    blur_kernel (v2, v3) defaults to blur_kernel_size(crop_size).
     """
-    return TwoViews(view_transform(recipe, crop_size, mean, std, crop_scale, blur_kernel))
+    first = view_transform(recipe, crop_size, mean, std, crop_scale, blur_kernel, view=0)
+    if recipe != "v3":
+        return TwoViews(first)
+    return TwoViews(first, view_transform(recipe, crop_size, mean, std, crop_scale, blur_kernel, 1))
 
 
 def eval_transform(

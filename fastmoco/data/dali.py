@@ -59,7 +59,6 @@ from fastmoco.data.augment import (
     GRAYSCALE_P,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    RECIPES,
     V1_JITTER,
     V2_BLUR_P,
     V2_BLUR_SIGMA,
@@ -70,6 +69,8 @@ from fastmoco.data.augment import (
 from fastmoco.data.folder import _READ_ERRORS, MAX_BAD_IN_A_ROW, load_rgb, scan_image_folder
 from fastmoco.data.loader import ShardedBatchSampler
 from fastmoco.errors import DataError, UsageError
+
+RECIPES = ("v1", "v2")  # v3's asymmetric pair (solarize) runs on the DataLoader path only
 
 try:
     import nvidia.dali.fn as fn

@@ -205,8 +205,15 @@ def build_train_loader(
         raise UsageError(f"--loader {loader!r}: choose one of {', '.join(LOADERS)}")
     device = torch.device(device)
     why = ""
+    if loader == "dali" and kwargs.get("recipe") not in dali.RECIPES:
+        raise UsageError(
+            f"--loader dali has the recipes {', '.join(dali.RECIPES)}, not "
+            f"{kwargs.get('recipe')!r}: use --loader torch (or auto)"
+        )
     if loader == "auto":
-        if device.type != "cuda":
+        if kwargs.get("recipe") not in dali.RECIPES:
+            loader, why = "torch", f"auto: recipe {kwargs.get('recipe')} has no DALI version yet"
+        elif device.type != "cuda":
             loader, why = "torch", "auto: DALI is used on CUDA; --loader dali for its CPU mode"
         elif not dali.dali_available():
             loader, why = "torch", "auto: DALI not installed; pip install nvidia-dali-cuda130"

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from fastmoco.config import TrainConfig
 from fastmoco.data import build_train_loader, demo_dataset, scan_image_folder
+from fastmoco.data.augment import RECIPES
 from fastmoco.errors import UsageError
 from fastmoco.eval.knn import build_knn_loaders, knn_accuracy
 from fastmoco.models import ALL_ARCHS, METHODS, MoCo, build_model
@@ -74,8 +75,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--arch {cfg.arch} is for --method mocov3 (or --preset mocov3-vit)")
     if cfg.arch.startswith("vit") and cfg.crop_size % 16:
         raise UsageError(f"--arch {cfg.arch} cuts 16x16 patches: --crop-size must be a multiple")
-    if cfg.recipe not in ("v1", "v2"):
-        raise UsageError(f"--recipe {cfg.recipe!r}: choose v1 or v2")
+    if cfg.recipe not in RECIPES:
+        raise UsageError(f"--recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
     if cfg.schedule not in ("cosine", "step"):
         raise UsageError(f"--schedule {cfg.schedule!r}: choose cosine or step")
     if cfg.epochs < 1 or cfg.batch_size < 1:
