@@ -8,8 +8,12 @@ import torch
 from test_checkpoint_io import fastmoco_checkpoint, official_moco_checkpoint
 
 from fastmoco.cli import main
+from fastmoco.config import TrainConfig
+from fastmoco.data import DemoSpec, write_demo
+from fastmoco.engine import train
 from fastmoco.engine.distributed import launch
 from fastmoco.eval.lincls import LinclsConfig, LinearProbe, _lincls_rank, lincls
+from fastmoco.models import MoCo
 
 
 def probe_cfg(pretrained, data, out, **kw) -> LinclsConfig:
@@ -135,3 +139,66 @@ def test_two_ranks_match_one_process(tiny_data, tmp_path):
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-5, atol=1e-6)
     assert a["history"][0]["top1"] == b["history"][0]["top1"]
     assert a["history"][0]["top5"] == b["history"][0]["top5"]
+
+
+def test_trained_backbone_ahead_of_random(tmp_path):
+    """A short MoCo pre-training on a small demo set (10 shapes, 100 train / 30 val images
+    each, 32 px) against its own random init, same protocol: the trained backbone is ahead.
+
+    Measured in this setting (kNN monitor on, which changes no weights): random 10.0 %
+    (chance: its features have norm ~0.4, fc barely moves), trained 16.7 % after 3
+    pre-training epochs (45 steps)."""
+    spec = DemoSpec(image_size=32, n_train_per_class=100, n_val_per_class=30)
+    data = write_demo(tmp_path / "demo", seed=0, spec=spec, progress=False)
+    cfg = TrainConfig(
+        preset="test",
+        arch="resnet-tiny",
+        small_images=True,
+        dim=64,
+        mlp_hidden=128,
+        queue_size=512,
+        moco_m=0.9,
+        bn_splits=4,
+        crop_size=32,
+        crop_scale=(0.5, 1.0),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        workers=0,
+        epochs=3,
+        batch_size=64,
+        lr=0.06,
+        weight_decay=5e-4,
+        knn_every=0,
+        data=str(data),
+        out=str(tmp_path / "pre"),
+        progress=False,
+        device="cpu",
+        seed=1,
+    )
+    train(cfg)
+    trained = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=False)
+    torch.manual_seed(cfg.seed)  # the trained run's own starting point
+    init = MoCo(
+        cfg.arch, dim=cfg.dim, K=cfg.queue_size, mlp_hidden=cfg.mlp_hidden, small_images=True
+    )
+    torch.save({**trained, "encoder_q": init.encoder_q.state_dict()}, tmp_path / "random.pt")
+    top1 = {}
+    for name, ckpt in (
+        ("random", tmp_path / "random.pt"),
+        ("trained", tmp_path / "pre" / "checkpoint.pt"),
+    ):
+        res = lincls(
+            probe_cfg(
+                ckpt,
+                data,
+                tmp_path / name,
+                epochs=5,
+                lr_steps=(4,),
+                batch_size=64,
+                lr=0.3,
+                crop_size=32,
+            )
+        )
+        top1[name] = res["top1"]
+    assert top1["random"] <= 12.0, top1
+    assert top1["trained"] >= top1["random"] + 5.0, top1

@@ -104,10 +104,10 @@ PRESETS: dict[str, LinclsConfig] = {
     # docs/eval.md.
     "demo": LinclsConfig(
         preset="demo",
-        epochs=10,
-        lr_steps=(6, 8),
+        epochs=15,
+        lr_steps=(9, 12),
         batch_size=128,
-        lr=1.0,
+        lr=0.3,
         crop_size=32,
         crop_scale=(0.5, 1.0),
         workers=2,
