@@ -228,3 +228,25 @@ def test_bad_files_name_the_fix(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     with pytest.raises(UsageError, match="does not fit a resnet34"):
         build_pretrained_backbone(read_pretrained(tmp_path / "r18.pth", arch="resnet34"))
+
+
+def test_method_checkpoints_vit_and_predictor(tmp_path):
+    """A MoCo v3 ViT run of ours: the predictor is reported as dropped, the ViT rebuilt at
+    the run's crop size, and the export round-trips."""
+    from fastmoco.models import build_vit
+
+    vit, _ = build_vit("vit_small", image_size=32)
+    _randomise_bn_stats(vit, torch.Generator().manual_seed(0))
+    enc = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
+    enc["head.0.weight"] = torch.randn(8, 384)
+    enc["predictor.0.weight"] = torch.randn(8, 8)
+    cfg = TrainConfig(arch="vit_small", crop_size=32).to_dict()
+    torch.save({"config": cfg, "epoch": 1, "encoder_q": enc}, tmp_path / "v3.pt")
+    p = read_pretrained(tmp_path / "v3.pt")
+    assert p.arch == "vit_small"
+    assert p.dropped["not part of backbone or head"] == ["encoder_q.predictor.0.weight"]
+    net, feat_dim = build_pretrained_backbone(p)
+    assert feat_dim == 384 and net(torch.randn(1, 3, 32, 32)).shape == (1, 384)
+    path, _, note = export_checkpoint(tmp_path / "v3.pt", "torchvision", tmp_path / "vit.pth")
+    assert "VisionTransformer" in note
+    assert_equal_states(torch.load(path, weights_only=True), vit.state_dict())

@@ -34,7 +34,7 @@ from torch import nn
 from fastmoco.data import IMAGENET_MEAN, IMAGENET_STD
 from fastmoco.engine.checkpoint import load_checkpoint, save_atomic
 from fastmoco.errors import UsageError
-from fastmoco.models import ARCHS, build_backbone
+from fastmoco.models import ALL_ARCHS, VIT_ARCHS, build_backbone, build_vit
 
 LAYOUTS = ("fastmoco", "moco", "mocov3", "torchvision")
 FORMATS = ("torchvision", "moco")
@@ -130,7 +130,7 @@ def infer_arch(backbone: Mapping) -> tuple[str, bool]:
         kind = "bottleneck" if bottleneck else "basic"
         raise UsageError(
             f"a ResNet with {kind} blocks {'-'.join(map(str, blocks))} per stage is none of "
-            f"{', '.join(ARCHS)}; fastmoco cannot build it"
+            f"{', '.join(_RESNET_SHAPES.values())}; fastmoco cannot build it"
         )
     return arch, backbone["conv1.weight"].shape[-1] == 3
 
@@ -163,8 +163,14 @@ def read_pretrained(path: str | Path, arch: str | None = None) -> Pretrained:
         )
         fields["dropped"] = {
             "projection head": [f"encoder_q.head.{k}" for k in head],
-            "key encoder": [f"encoder_k.{k}" for k in obj.get("encoder_k", {})],
-            "queue": [k for k in ("queue", "queue_ptr") if k in obj],
+            # MoCo v3's predictor, or whatever else a method puts after the backbone
+            "not part of backbone or head": [
+                f"encoder_q.{k}"
+                for k in obj["encoder_q"]
+                if not k.startswith(("backbone.", "head."))
+            ],
+            "key encoder": [f"encoder_k.{k}" for k in obj.get("encoder_k") or {}],
+            "queue": [k for k in ("queue", "queue_ptr") if obj.get(k) is not None],
         }
     else:
         raw = obj.get("state_dict", obj)
@@ -211,13 +217,15 @@ def read_pretrained(path: str | Path, arch: str | None = None) -> Pretrained:
             found = extra.get("arch")
     if found is None:
         found, small = infer_arch(backbone)
+    elif layout == "fastmoco":
+        small = bool(obj["config"].get("small_images", False))
     elif found == "resnet-tiny":
         small = True
     else:
         small = "conv1.weight" in backbone and backbone["conv1.weight"].shape[-1] == 3
-    if found not in ARCHS:
+    if found not in ALL_ARCHS:
         raise UsageError(
-            f"{path}: arch {found!r} is none of {', '.join(ARCHS)}; fastmoco cannot build it"
+            f"{path}: arch {found!r} is none of {', '.join(ALL_ARCHS)}; fastmoco cannot build it"
         )
     fields["dropped"] = {k: v for k, v in fields["dropped"].items() if v}
     return Pretrained(str(path), layout, found, small, backbone, **fields)
@@ -225,7 +233,10 @@ def read_pretrained(path: str | Path, arch: str | None = None) -> Pretrained:
 
 def build_pretrained_backbone(p: Pretrained) -> tuple[nn.Module, int]:
     """build_backbone(p.arch) with p.backbone loaded; every key must match, shapes too."""
-    net, feat_dim = build_backbone(p.arch, small_images=p.small_images)
+    if p.arch in VIT_ARCHS:  # MoCo v3's ViTs: the position embedding fixes the image size
+        net, feat_dim = build_vit(p.arch, image_size=(p.config or {}).get("crop_size", 224))
+    else:
+        net, feat_dim = build_backbone(p.arch, small_images=p.small_images)
     want = net.state_dict()
     missing = sorted(set(want) - set(p.backbone))
     unexpected = sorted(set(p.backbone) - set(want))
@@ -331,6 +342,11 @@ def to_moco(p: Pretrained) -> dict:
 
 def compatibility_note(p: Pretrained, fmt: str) -> str:
     """How to load an exported file outside fastmoco, when it is not a plain torchvision one."""
+    if p.arch in VIT_ARCHS:
+        return (
+            f"{p.arch}: torchvision's VisionTransformer(patch_size=16, ...) with the sizes of "
+            "fastmoco.models.vit.VIT_SIZES, heads = Identity (vit_base is torchvision's vit_b_16)"
+        )
     if p.arch == "resnet-tiny":
         return (
             "resnet-tiny has no torchvision counterpart: the weights load into "

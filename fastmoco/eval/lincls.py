@@ -24,6 +24,7 @@ the same number of full batches, as in training); the official sampler keeps it.
 
 import argparse
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -148,7 +149,8 @@ def lincls(cfg: LinclsConfig) -> dict:
         raise UsageError("--amp-dtype fp16 needs CUDA; use bf16 on the CPU")
     p = read_pretrained(cfg.pretrained, cfg.arch)  # fails early on a bad file
     build_pretrained_backbone(p)
-    print(describe(p, missing=FC_KEYS) + " (re-initialised: N(0, 0.01^2), bias 0)", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here
+        print(describe(p, missing=FC_KEYS) + " (re-initialised: N(0, 0.01^2), bias 0)", flush=True)
     cfg = resolve_config(cfg, p)
     root = (
         Path(cfg.data)
@@ -406,6 +408,8 @@ class LinearProbe:
                 f"backbone unchanged; run written to {self.out}",
                 flush=True,
             )
+        if self.world_size > 1:
+            dist.barrier()  # every rank's lincls() reads results.pt next
         return results
 
 
