@@ -479,6 +479,7 @@ class Trainer:
                 torch.save(
                     {"interrupted": self._stop_signal or signal.SIGTERM}, self.out / "results.pt"
                 )
+            self._wait_for_results_file()
             return {}
         results = {
             "out": str(self.out),
@@ -504,7 +505,13 @@ class Trainer:
                     flush=True,
                 )
             print(f"run written to {self.out} (checkpoint.pt, metrics.jsonl, tb/, curves.png)")
+        self._wait_for_results_file()
         return results
+
+    def _wait_for_results_file(self) -> None:
+        """Under torchrun every rank's train() reads rank 0's results.pt next."""
+        if self.world_size > 1:
+            dist.barrier()
 
 
 class _StopRequested(Exception):
