@@ -12,7 +12,7 @@ Table 3). Step time and memory are measured apart from training, on random batch
 training shape, so data loading does not enter them: median of timed steps after warm-up
 (CUDA: 5 after 2, CPU: 3 after 1); memory is CUDA's peak allocation, or on the CPU the peak
 bytes of live tensors created during the step (a lower bound of the process's growth; see
-bench/conftest.py).
+fastmoco/engine/memory.py).
 
 Everything else is held equal: backbone, head, augmentation, temperature, learning-rate
 rule (base lr x batch/256, cosine), epochs. End-to-end at large K means a large batch and
@@ -23,14 +23,12 @@ import argparse
 import json
 import statistics
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from fastmoco.config import PRESETS, TrainConfig
+from fastmoco.engine.memory import peak_extra_bytes
 from fastmoco.engine.optim import build_optimizer
 from fastmoco.errors import UsageError
 from fastmoco.models import MoCo, build_model
@@ -46,35 +44,6 @@ def mechanism_config(base: TrainConfig, mechanism: str, K: int) -> TrainConfig:
     if method == "simclr":  # K = 2N - 2: the batch is the only knob
         return base.replace(method=method, batch_size=K // 2 + 1, bn_splits=1, queue_size=K)
     return base.replace(method=method, queue_size=K)
-
-
-class _LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created by aten ops while active (CPU memory count)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def _free(self, nbytes):
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if storage.data_ptr() in seen or storage.nbytes() == 0:
-                    continue
-                seen.add(storage.data_ptr())
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, storage.nbytes())
-        return out
 
 
 def _train_step(model, optimizer, im_q, im_k, index):
@@ -119,16 +88,7 @@ def measure_step(
         _train_step(model, opt, im_q, im_k, index)
         sync()
         times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        _train_step(model, opt, im_q, im_k, index)
-        sync()
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        with _LiveTensorBytes() as counter:
-            _train_step(model, opt, im_q, im_k, index)
-        peak = counter.peak
+    peak = peak_extra_bytes(lambda: _train_step(model, opt, im_q, im_k, index), device)
     return statistics.median(times), peak
 
 
