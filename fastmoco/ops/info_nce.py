@@ -90,13 +90,17 @@ def info_nce(
         rows, rank = _InfoNCETorch.apply(
             q, k, queue, float(temperature), normalize, chunk_size, return_stats
         )
-    if reduction == "mean":
-        loss = rows.mean()
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows
+    loss = reduce_rows(rows, reduction)
     return (loss, rank) if return_stats else loss
+
+
+def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The per-row losses reduced as asked: "mean", "sum" or "none"."""
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
 
 
 def _check_inputs(q, k, queue, temperature, reduction, chunk_size) -> None:

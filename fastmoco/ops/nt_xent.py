@@ -22,6 +22,7 @@ from fastmoco.ops.info_nce import (
     _check_inputs,
     _triton_rows,
     fall_back_or_raise,
+    reduce_rows,
     use_triton,
 )
 
@@ -52,12 +53,7 @@ def nt_xent(
             fall_back_or_raise(backend, err)
     if rows is None:
         rows, rank = _nt_xent_torch(z, float(temperature), normalize, return_stats)
-    if reduction == "mean":
-        loss = rows.mean()
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows
+    loss = reduce_rows(rows, reduction)
     return (loss, rank) if return_stats else loss
 
 
