@@ -17,6 +17,9 @@ The floor printed beside each row: max(bytes / bandwidth, flops / throughput) wi
 H100 figures of ../shared/REFERENCES.md (3.0 TB/s; 800 TFLOP/s bf16 dense, 400 fp32 as
 TF32 or 60 as IEEE fp32); bytes = the queue read once (plus q and k), flops = 2NKC forward,
 +4NKC for backward (the logits recomputed, then dq). On CPU no floor is printed.
+q requires a gradient in both modes (the training forward), so on CUDA `fastmoco` runs its
+single-pass kernel there: the "fwd" row already includes dq's GEMM (about 2x the forward's
+work) and the backward of "fwd+bwd" is one multiplication.
 """
 
 import pytest
