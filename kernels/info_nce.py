@@ -394,6 +394,12 @@ def _splits(N, M, device):
     return triton.cdiv(M, per_split), per_split
 
 
+def finalize_rows(block_c: int) -> int:
+    """Rows per finalize program: its q, p and dq tiles (fp32) stay in registers with 4
+    warps (tools/kernel_report.py: 32 rows spill at C = 128, 16 do not)."""
+    return 16 if _INTERPRET else max(1, min(32, 2048 // block_c))
+
+
 def forward(q, p, s, inv_T, norm_qp, norm_s, excl_self, shift, fuse_dq=False):
     """(rows (N,) fp32 loss, lse (N,) fp32, rank (N,) int64, dq_unit) for stream s (M, C).
 
@@ -417,7 +423,7 @@ def forward(q, p, s, inv_T, norm_qp, norm_s, excl_self, shift, fuse_dq=False):
     rows, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     rank = torch.empty(N, device=q.device, dtype=torch.int64)
     dq_unit = torch.empty(N, C, **f32) if fuse_dq else torch.empty(0, **f32)
-    block_n = 16 if _INTERPRET else 32
+    block_n = finalize_rows(flags["BLOCK_C"])
     _finalize_kernel[(triton.cdiv(N, block_n),)](
         run_max, run_sum, count, s_pos, acc, q, p, rows, lse, rank, dq_unit,
         N, C, splits, inv_T, *q.stride(), *p.stride(),

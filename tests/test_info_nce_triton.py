@@ -401,7 +401,7 @@ def test_training_steps_match_the_reference():
 
 
 def test_kernels_compile_for_h100_without_spills():
-    """The interpreter accepts code that the GPU compiler rejects: compile the three kernels
+    """The interpreter accepts code that the GPU compiler rejects: compile the four kernels
     for sm_90 (Triton's bundled ptxas, no GPU needed) in a process without
     TRITON_INTERPRET, and check the main bf16 configuration keeps everything in registers."""
     import subprocess
@@ -415,7 +415,8 @@ def test_kernels_compile_for_h100_without_spills():
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines()[2:]]
-    assert {r[0].strip() for r in rows} == {"_forward_kernel", "_dq_kernel", "_dstream_kernel"}
+    kernels = {"_forward_kernel", "_finalize_kernel", "_dq_kernel", "_dstream_kernel"}
+    assert {r[0].strip() for r in rows} == kernels
     for r in rows:
         regs, stack = int(r[5]), int(r[6])
         assert regs <= 255 and stack == 0, f"{r[0].strip()} spills: {out.stdout}"

@@ -20,6 +20,7 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
 
 from fastmoco.kernels import info_nce as K
 
@@ -29,6 +30,9 @@ _POINTERS = {
                             COUNT_OUT="*i32", POS_OUT="*fp32", ACC_OUT="*fp32"),
     "_dq_kernel": dict(Q="x", S="x", LSE="*fp32", DQ_PART="*fp32"),
     "_dstream_kernel": dict(Q="x", S="x", LSE="*fp32", G="*fp32", DS="x"),
+    "_finalize_kernel": dict(MAX_IN="*fp32", SUM_IN="*fp32", COUNT_IN="*i32", POS_IN="*fp32",
+                             ACC_IN="*fp32", Q="x", P="x", ROWS_OUT="*fp32", LSE_OUT="*fp32",
+                             RANK_OUT="*i64", DQ_OUT="*fp32"),
 }  # fmt: skip
 _FLOATS = {"inv_T"}
 
@@ -49,12 +53,16 @@ def variants(kernels=None, dtypes=None, tiles=None, warps=(4, 8)):
 
 def compile_one(name, dtype, C, block_n, block_k, num_warps=4, num_stages=3):
     ptr = _DTYPES[dtype]
-    fn = getattr(K, name).fn  # the JITFunction under the autotuner
+    kernel = getattr(K, name)
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel  # the JITFunction
     constexprs = dict(
         NORM_QP=True, NORM_S=(name != "_forward_kernel"), EXCL_SELF=False, EXCL_SHIFT=False,
         DOT_F32=False, PRECISION=K.FP32_PRECISION if dtype == "fp32" else "tf32",
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=max(16, triton.next_power_of_2(C)),
     )  # fmt: skip
+    if name == "_finalize_kernel":  # merges splits; its row tile is fixed by the launcher
+        constexprs["BLOCK_N"] = K.finalize_rows(constexprs["BLOCK_C"])
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     if "FUSE_DQ" in fn.arg_names:  # the MoCo step: loss and dq in one pass
         constexprs["FUSE_DQ"] = True
     if "PROB_F32" in fn.arg_names:
@@ -112,9 +120,12 @@ def main(argv=None):
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, dtype, C, bn, bk, w in variants(args.kernel, args.dtype, tiles, args.warps or (4, 8)):
+        if name == "_finalize_kernel":
+            w = 4  # the launcher's (Triton's default); the tile comes from finalize_rows
         compiled = compile_one(name, dtype, C, bn, bk, num_warps=w)
         r = resources(compiled)
-        cells = [name, dtype, C, f"{bn} x {bk}", w, r["regs"], r["stack"], r["shared"]]
+        tile = f"{K.finalize_rows(C)} x -" if name == "_finalize_kernel" else f"{bn} x {bk}"
+        cells = [name, dtype, C, tile, w, r["regs"], r["stack"], r["shared"]]
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
         if args.ptx:
             args.ptx.mkdir(parents=True, exist_ok=True)
