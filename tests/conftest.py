@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from fastmoco.config import TrainConfig
+
 torch.set_num_threads(2)
 
 
@@ -42,3 +44,33 @@ def tiny_data(tmp_path) -> Path:
     write_image_folder(tmp_path / "data" / "train", per_class=12, seed=0)
     write_image_folder(tmp_path / "data" / "val", per_class=4, seed=1)
     return tmp_path / "data"
+
+
+def tiny_train_config(data, out, **kw) -> TrainConfig:
+    """A run that trains in seconds on tiny_data: resnet-tiny at 16 px, 2 epochs of
+    batch 8, K=64, shuffle BN over 2 groups; kw overrides any field."""
+    base = TrainConfig(
+        preset="test",
+        arch="resnet-tiny",
+        small_images=True,
+        dim=16,
+        mlp_hidden=32,
+        queue_size=64,
+        moco_m=0.9,
+        temperature=0.2,
+        bn_splits=2,
+        crop_size=16,
+        workers=0,
+        epochs=2,
+        batch_size=8,
+        lr=0.06,
+        knn_k=5,
+        data=str(data),
+        out=str(out),
+        progress=False,
+        log_every=2,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        device="cpu",
+    )
+    return base.replace(**kw)

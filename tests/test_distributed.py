@@ -114,7 +114,7 @@ def test_knn_shards_over_ranks(tmp_path, tiny_data):
 
 def test_trainer_on_two_ranks(tmp_path, tiny_data):
     """The whole trainer under DDP on 2 gloo ranks: sharded data, gathered keys, one writer."""
-    from test_train import tiny_cfg
+    from conftest import tiny_train_config as tiny_cfg
 
     from fastmoco.engine.trainer import _train_rank
 

@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_train_config
 
 from fastmoco.config import PRESETS, TrainConfig
 from fastmoco.engine import Interrupted, train
@@ -22,29 +23,8 @@ V3_TINY = dict(small_images=True, dim=16, mlp_dim=32)
 
 
 def tiny_cfg(data, out, method, **kw) -> TrainConfig:
-    base = TrainConfig(
-        preset="test",
-        method=method,
-        arch="resnet-tiny",
-        queue_size=64,
-        moco_m=0.9,
-        temperature=0.2,
-        crop_size=16,
-        workers=0,
-        epochs=1,
-        batch_size=8,
-        lr=0.06,
-        knn_k=5,
-        data=str(data),
-        out=str(out),
-        progress=False,
-        log_every=2,
-        mean=(0.5,) * 3,
-        std=(0.25,) * 3,
-        device="cpu",
-        **TINY,
-    )
-    return base.replace(**kw)
+    """tests/conftest.py's tiny run for `method`: one epoch, plain BN."""
+    return tiny_train_config(data, out, method=method, bn_splits=1, epochs=1).replace(**kw)
 
 
 def _images(n=8, seed=0):

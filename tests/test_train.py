@@ -7,39 +7,12 @@ import signal
 
 import pytest
 import torch
+from conftest import tiny_train_config as tiny_cfg
 from conftest import write_image_folder
 
 from fastmoco.cli import main
 from fastmoco.config import TrainConfig
 from fastmoco.engine import Interrupted, lr_at, train
-
-
-def tiny_cfg(data, out, **kw) -> TrainConfig:
-    base = TrainConfig(
-        preset="test",
-        arch="resnet-tiny",
-        small_images=True,
-        dim=16,
-        mlp_hidden=32,
-        queue_size=64,
-        moco_m=0.9,
-        temperature=0.2,
-        bn_splits=2,
-        crop_size=16,
-        workers=0,
-        epochs=2,
-        batch_size=8,
-        lr=0.06,
-        knn_k=5,
-        data=str(data),
-        out=str(out),
-        progress=False,
-        log_every=2,
-        mean=(0.5,) * 3,
-        std=(0.25,) * 3,
-        device="cpu",
-    )
-    return base.replace(**kw)
 
 
 def test_lr_schedule():
