@@ -2,6 +2,7 @@
 
 import os
 import random
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,28 @@ def resolve_resume(resume: str, out: str | None, runs_root: str, preset: str) ->
             "or give --resume PATH"
         )
     return found[-1]
+
+
+RUNS_ROOT = "runs"
+
+
+def prepare_run_dir(out: str | None, resume: str | None, name: str) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume or None) for a run called `name`.
+
+    The directory is --out, else the resumed checkpoint's, else runs/<name>-<date-time>;
+    it is created, and a results.pt left by an earlier run in it is removed (the caller
+    reads the new one once its ranks are done).
+    """
+    resume_path = resolve_resume(resume, out, RUNS_ROOT, name) if resume else None
+    if out is not None:
+        run_dir = Path(out)
+    elif resume_path is not None:
+        run_dir = resume_path.parent
+    else:
+        run_dir = Path(RUNS_ROOT) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.pt").unlink(missing_ok=True)
+    return run_dir, resume_path
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -9,7 +9,6 @@ summed on the device and read every `log_every` steps.
 import math
 import signal
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -29,8 +28,6 @@ from . import checkpoint as ckpt
 from .distributed import launch, local_device, resolve_device
 from .metrics import MetricsLog, plot_curves
 from .optim import OPTIMIZERS, build_optimizer
-
-RUNS_ROOT = "runs"
 
 
 class Interrupted(Exception):
@@ -129,17 +126,7 @@ def train(cfg: TrainConfig, *, on_step=None) -> dict:
             f"--batch-size {cfg.batch_size} is larger than the dataset ({len(samples)} images "
             f"under {train_root}); lower --batch-size"
         )
-    resume_path = None
-    if cfg.resume:
-        resume_path = ckpt.resolve_resume(cfg.resume, cfg.out, RUNS_ROOT, cfg.preset)
-    if cfg.out is not None:
-        out = Path(cfg.out)
-    elif resume_path is not None:
-        out = resume_path.parent
-    else:
-        out = Path(RUNS_ROOT) / f"{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.pt").unlink(missing_ok=True)
+    out, resume_path = ckpt.prepare_run_dir(cfg.out, cfg.resume, cfg.preset)
     args = (cfg, str(train_root), str(val_root) if val_root else None, str(out), resume_path)
     launch(_train_rank, (*args, on_step), nprocs=cfg.gpus, device=device)
     results = torch.load(out / "results.pt", weights_only=False)

@@ -27,7 +27,6 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -55,7 +54,6 @@ from .checkpoint_io import (
     read_pretrained,
 )
 
-RUNS_ROOT = "runs"
 FC_KEYS = ["fc.weight", "fc.bias"]
 
 
@@ -166,17 +164,7 @@ def lincls(cfg: LinclsConfig) -> dict:
             f"--batch-size {cfg.batch_size} is larger than the train split ({len(samples)} "
             f"images under {root / 'train'}); lower --batch-size"
         )
-    resume_path = None
-    if cfg.resume:
-        resume_path = ckpt.resolve_resume(cfg.resume, cfg.out, RUNS_ROOT, f"lincls-{cfg.preset}")
-    if cfg.out is not None:
-        out = Path(cfg.out)
-    elif resume_path is not None:
-        out = resume_path.parent
-    else:
-        out = Path(RUNS_ROOT) / f"lincls-{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.pt").unlink(missing_ok=True)
+    out, resume_path = ckpt.prepare_run_dir(cfg.out, cfg.resume, f"lincls-{cfg.preset}")
     launch(_lincls_rank, (cfg, str(root), str(out), resume_path), nprocs=cfg.gpus, device=device)
     return torch.load(out / "results.pt", weights_only=False)
 
