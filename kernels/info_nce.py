@@ -111,7 +111,10 @@ def _tile_logits(
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """s (BLOCK_N, BLOCK_K) fp32 for stream rows j, -inf where excluded; the raw tile
-    (BLOCK_C, BLOCK_K) and its inverse norms, reused by the backward kernels."""
+    (BLOCK_C, BLOCK_K) and its inverse norms, reused by the backward kernels.
+
+    The keys are loaded already transposed rather than through _load_rows plus tl.trans:
+    tried, the dstream kernel then spills 160 bytes at its main tile (kernel_report)."""
     mask_j = j < M
     kt = tl.load(
         S + j[None, :] * stride_sm + cols_c[:, None] * stride_sc,
