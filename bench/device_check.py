@@ -98,14 +98,18 @@ SIZES = {
     "ema_model": "resnet50" if CUDA else "squeezenet1_1",
     "ema_odd": (1, 3, 4095, 4097, 65537, 1_000_003) if CUDA else (1, 3, 4097, 70001),
     "enqueue": (65536, 128, 256) if CUDA else (1000, 32, 64),  # K, C, B
-    "time_moco": [(256, 65536, 128, "bf16"), (256, 65536, 128, "fp32"),
-                  (1024, 1_048_576, 128, "bf16")]
-    if CUDA else [(16, 96, 16, "bf16"), (16, 96, 16, "fp32"), (16, 160, 16, "bf16")],
+    "time_moco": [
+        (256, 65536, 128, "bf16"),
+        (256, 65536, 128, "fp32"),
+        (1024, 1_048_576, 128, "bf16"),
+    ]
+    if CUDA
+    else [(16, 96, 16, "bf16"), (16, 96, 16, "fp32"), (16, 160, 16, "bf16")],
     "copy_bytes": 2**30 if CUDA else 2**23,
     "matmul": 8192 if CUDA else 256,
     "graph_enqueues": 100,
     "graph_emas": 10 if CUDA else 2,
-}  # fmt: skip
+}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 
@@ -216,11 +220,18 @@ def unit(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 # ---------------------------------------------------------------- correctness
 def check(res: Results, case: str, quantity: str, out, expected, tol: float) -> None:
-    err = rel_err(out, expected)
-    row = res.add("check", case=case, quantity=quantity, rel_err=err, tol=tol,
-                  passed=bool(err <= tol))  # fmt: skip
-    _log(f"  {case:<44} {quantity:<8} {err:10.3e}  (tol {tol:.0e})  "
-         f"{'ok' if row['passed'] else 'FAIL'}")  # fmt: skip
+    """One row: ||out - expected|| / ||expected|| against tol."""
+    record(res, case, quantity, rel_err(out, expected), tol)
+
+
+def record(res: Results, case: str, quantity: str, err: float, tol: float) -> None:
+    row = res.add(
+        "check", case=case, quantity=quantity, rel_err=err, tol=tol, passed=bool(err <= tol)
+    )
+    _log(
+        f"  {case:<44} {quantity:<8} {err:10.3e}  (tol {tol:.0e})  "
+        f"{'ok' if row['passed'] else 'FAIL'}"
+    )
 
 
 def _queue(K, C, layout, dtype, g):
@@ -237,26 +248,31 @@ def check_moco(res: Results) -> None:
         for layout in ("rows", "buf.T"):
             g = gen(1)
             q = torch.randn(N, C, device=DEVICE, generator=g)
-            # Keys near their queries, so the positive ranks high and rank is informative.
-            k = unit(q + 0.7 * torch.randn(N, C, device=DEVICE, generator=g)).to(dtype)
+            # Keys loosely tied to their queries: about ten negatives score above the
+            # positive (cosine ~0.3 against ~N(0, 1/C)), so ranks vary from row to row.
+            k = unit(q + 3.0 * torch.randn(N, C, device=DEVICE, generator=g)).to(dtype)
             q = q.to(dtype).requires_grad_()
             queue = _queue(K, C, layout, dtype, g)
             poison_allocator()
-            rows, rank = info_nce(q, k, queue, T_MOCO, reduction="none", return_stats=True,
-                                  backend="triton")  # fmt: skip
+            rows, rank = info_nce(
+                q, k, queue, T_MOCO, reduction="none", return_stats=True, backend="triton"
+            )
             rows.mean().backward()
             q64 = q.detach().double().requires_grad_()
-            rows64 = ref.info_nce_reference(q64, k.double(), queue.double(), T_MOCO,
-                                            reduction="none")  # fmt: skip
+            rows64 = ref.info_nce_reference(
+                q64, k.double(), queue.double(), T_MOCO, reduction="none"
+            )
             rows64.mean().backward()
-            logits, _ = ref.info_nce_logits_reference(q64.detach(), k.double(), queue.double(),
-                                                      T_MOCO)  # fmt: skip
+            logits, _ = ref.info_nce_logits_reference(
+                q64.detach(), k.double(), queue.double(), T_MOCO
+            )
             rank64 = (logits[:, 1:] > logits[:, :1]).sum(dim=1)
             case = f"moco single pass {name} N={N} K={K} C={C} {layout}"
             tol = TOL[dtype]
             check(res, case, "loss", rows, rows64, tol)
-            # Ties within rounding may move a rank by one: compare as a vector norm too.
-            check(res, case, "rank", rank.float(), rank64.float(), tol)
+            # A logit within rounding of the positive may count on either side: the share
+            # of rows whose rank differs, at most 1 %.
+            record(res, case, "rank", (rank != rank64).float().mean().item(), 0.01)
             check(res, case, "dq", q.grad, q64.grad, tol)
 
 
@@ -338,27 +354,44 @@ def check_ema(res: Results) -> None:
     targets = [p.to(DEVICE, copy=True) for p in params]
     sources = [t + torch.randn(t.shape, device=DEVICE, generator=g) for t in targets]
     n = sum(p.numel() for p in params)
-    _check_ema(res, f"ema {name} fp32 ({len(params)} tensors, {n / 1e6:.1f}M)",
-               targets, sources, 0.99, 1e-4)  # fmt: skip
+    _check_ema(
+        res,
+        f"ema {name} fp32 ({len(params)} tensors, {n / 1e6:.1f}M)",
+        targets,
+        sources,
+        0.99,
+        1e-4,
+    )
     m = torch.tensor(0.99, device=DEVICE)  # a momentum schedule kept on the device
     _check_ema(res, f"ema {name} fp32, momentum as a 0-d tensor", targets, sources, m, 1e-4)
-    for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16),
-                         ("fp16", torch.float16)):  # fmt: skip
+    for dname, dtype in (
+        ("fp32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("fp16", torch.float16),
+    ):
         sizes = SIZES["ema_odd"]
         # Each tensor one element into its storage: addresses off 16 bytes (unaligned loads).
         targets = [torch.randn(s + 1, device=DEVICE, generator=g).to(dtype)[1:] for s in sizes]
         sources = [torch.randn(s + 1, device=DEVICE, generator=g).to(dtype)[1:] for s in sizes]
         momentum = 0.99 if dtype == torch.float32 else 0.5  # a step well above the rounding
-        _check_ema(res, f"ema odd sizes {dname} {sizes}, unaligned", targets, sources,
-                   momentum, TOL[dtype])  # fmt: skip
+        _check_ema(
+            res, f"ema odd sizes {dname} {sizes}, unaligned", targets, sources, momentum, TOL[dtype]
+        )
 
 
 def check_enqueue(res: Results) -> None:
     K, C, B = SIZES["enqueue"]
     available = extension_op() is not None and (not CUDA or extension_has_cuda())
     if not available:
-        res.add("check", case="enqueue (extension)", quantity="built", rel_err=None, tol=None,
-                passed=False, note="fastmoco._C missing or built without CUDA: see install.log")
+        res.add(
+            "check",
+            case="enqueue (extension)",
+            quantity="built",
+            rel_err=None,
+            tol=None,
+            passed=False,
+            note="fastmoco._C missing or built without CUDA: see install.log",
+        )
         _log("  enqueue: the extension is not built (with CUDA): FAIL")
         return
     g = gen(5)
@@ -372,8 +405,14 @@ def check_enqueue(res: Results) -> None:
             enqueue_(queue, ptr, keys, backend="cuda")
             case = f"enqueue K={K} C={C} B={B} {layout}, {kname} keys, wraps"
             wrong = int((queue != want_q).sum()) + int(ptr.item() != want_p.item())
-            row = res.add("check", case=case, quantity="exact", rel_err=float(wrong), tol=0.0,
-                          passed=wrong == 0)  # fmt: skip
+            row = res.add(
+                "check",
+                case=case,
+                quantity="exact",
+                rel_err=float(wrong),
+                tol=0.0,
+                passed=wrong == 0,
+            )
             _log(f"  {case:<44} exact    {wrong:10d}  {'ok' if row['passed'] else 'FAIL'}")
 
 
@@ -402,17 +441,23 @@ def time_ceilings(res: Results, ceil: Ceilings) -> None:
     t = median_seconds(lambda: dst.copy_(src))
     ceil.copy_bytes_per_s = 2 * n * 4 / t  # read + write
     time_row(res, f"copy {n * 4 / 2**30:.3g} GiB", "copy_", t)
-    res.add("time", case="ceiling", impl="copy bandwidth (read + write)",
-            value=ceil.copy_bytes_per_s, unit="B/s")  # fmt: skip
-    del src, dst
+    res.add(
+        "time",
+        case="ceiling",
+        impl="copy bandwidth (read + write)",
+        value=ceil.copy_bytes_per_s,
+        unit="B/s",
+    )
+    src = dst = None  # free the 2 GiB before the matmul
     s = SIZES["matmul"]
     a = torch.randn(s, s, device=DEVICE).bfloat16()
     b = torch.randn(s, s, device=DEVICE).bfloat16()
     t = median_seconds(lambda: a @ b)
     ceil.bf16_flops_per_s = 2 * s**3 / t
     time_row(res, f"matmul {s}^3 bf16", "torch.mm", t)
-    res.add("time", case="ceiling", impl="bf16 matmul rate", value=ceil.bf16_flops_per_s,
-            unit="flop/s")  # fmt: skip
+    res.add(
+        "time", case="ceiling", impl="bf16 matmul rate", value=ceil.bf16_flops_per_s, unit="flop/s"
+    )
 
 
 def algorithm1(q, k, buf, temperature):
@@ -430,51 +475,53 @@ def algorithm1(q, k, buf, temperature):
 
 def time_info_nce(res: Results, ceil: Ceilings) -> None:
     for N, K, C, dname in SIZES["time_moco"]:
-        dtype = DTYPES[dname]
-        g = gen(6)
-        q = torch.randn(N, C, device=DEVICE, generator=g).to(dtype).requires_grad_()
-        k = unit(torch.randn(N, C, device=DEVICE, generator=g)).to(dtype)
-        buf = unit(torch.randn(C, K, device=DEVICE, generator=g), dim=0).to(dtype)
-        impls = {  # baselines first, so the fused rows can carry both ratios
-            "eager bf16 autocast": lambda: algorithm1(q, k, buf, T_MOCO),
-            "eager fp32 reference": lambda: ref.info_nce_reference(q, k, buf.T, T_MOCO),
-            "fused": lambda: info_nce(q, k, buf.T, T_MOCO, backend="triton"),
-        }
-        size = torch.finfo(dtype).bits // 8
-        nbytes = (K * C + 3 * N * C) * size  # queue once, q and k in, dq out
-        floor = max(nbytes / ceil.copy_bytes_per_s, 4 * N * K * C / ceil.bf16_flops_per_s)
-        case = f"info_nce fwd+bwd {dname} N={N} K={K} C={C}"
-        base: dict[str, float] = {}
-        for impl, fn in impls.items():
-
-            def step(fn=fn):
-                fn().backward()
-
-            try:
-                step()
-                q.grad = None
-                peak = peak_bytes(step)
-                q.grad = None
-                t = median_seconds(step, grad_to_none=[q])
-            except torch.OutOfMemoryError:
-                q.grad = None
-                res.add("time", case=case, impl=impl, median_s=None, note="out of memory")
-                continue
-            fused = impl == "fused"
-            time_row(res, case, impl, t, floor if fused else None, peak, base if fused else None)
-            if not fused:
-                base["autocast" if "autocast" in impl else "fp32"] = t
-        # The fused step replayed from a CUDA graph: what a captured training step pays.
-        try:
-            q.grad = None
-            replay = graphed(lambda: info_nce(q, k, buf.T, T_MOCO, backend="triton").backward())
-            time_row(res, case, f"fused, {REPLAY}", median_seconds(replay), floor,
-                     baselines=base)  # fmt: skip
-        except Exception as err:  # noqa: BLE001  (recorded: a capture failure is a finding)
-            res.add("time", case=case, impl=f"fused, {REPLAY}", error=repr(err))
-        del q, k, buf
+        _time_info_nce_case(res, ceil, N, K, C, dname)
         if CUDA:
             torch.cuda.empty_cache()
+
+
+def _time_info_nce_case(res: Results, ceil: Ceilings, N, K, C, dname) -> None:
+    dtype = DTYPES[dname]
+    g = gen(6)
+    q = torch.randn(N, C, device=DEVICE, generator=g).to(dtype).requires_grad_()
+    k = unit(torch.randn(N, C, device=DEVICE, generator=g)).to(dtype)
+    buf = unit(torch.randn(C, K, device=DEVICE, generator=g), dim=0).to(dtype)
+    impls = {  # baselines first, so the fused rows can carry both ratios
+        "eager bf16 autocast": lambda: algorithm1(q, k, buf, T_MOCO),
+        "eager fp32 reference": lambda: ref.info_nce_reference(q, k, buf.T, T_MOCO),
+        "fused": lambda: info_nce(q, k, buf.T, T_MOCO, backend="triton"),
+    }
+    size = torch.finfo(dtype).bits // 8
+    nbytes = (K * C + 3 * N * C) * size  # queue once, q and k in, dq out
+    floor = max(nbytes / ceil.copy_bytes_per_s, 4 * N * K * C / ceil.bf16_flops_per_s)
+    case = f"info_nce fwd+bwd {dname} N={N} K={K} C={C}"
+    base: dict[str, float] = {}
+    for impl, fn in impls.items():
+
+        def step(fn=fn):
+            fn().backward()
+
+        try:
+            step()
+            q.grad = None
+            peak = peak_bytes(step)
+            q.grad = None
+            t = median_seconds(step, grad_to_none=[q])
+        except torch.OutOfMemoryError:
+            q.grad = None
+            res.add("time", case=case, impl=impl, median_s=None, note="out of memory")
+            continue
+        fused = impl == "fused"
+        time_row(res, case, impl, t, floor if fused else None, peak, base if fused else None)
+        if not fused:
+            base["autocast" if "autocast" in impl else "fp32"] = t
+    # The fused step replayed from a CUDA graph: what a captured training step pays.
+    try:
+        q.grad = None
+        replay = graphed(lambda: info_nce(q, k, buf.T, T_MOCO, backend="triton").backward())
+        time_row(res, case, f"fused, {REPLAY}", median_seconds(replay), floor, baselines=base)
+    except Exception as err:  # noqa: BLE001  (recorded: a capture failure is a finding)
+        res.add("time", case=case, impl=f"fused, {REPLAY}", error=repr(err))
 
 
 def time_ema(res: Results, ceil: Ceilings) -> None:
@@ -505,9 +552,14 @@ def time_ema(res: Results, ceil: Ceilings) -> None:
         time_row(res, case, impl, times[impl], floor, baselines=base)
     calls = SIZES["graph_emas"]
     t = median_seconds(graphed(lambda: ema_(plan, m), calls=calls)) / calls
-    time_row(res, case, f"kernel, {REPLAY}", t, floor,
-             baselines={"loop": times["loop (official)"],
-                        "foreach": times["_foreach_lerp_"]})  # fmt: skip
+    time_row(
+        res,
+        case,
+        f"kernel, {REPLAY}",
+        t,
+        floor,
+        baselines={"loop": times["loop (official)"], "foreach": times["_foreach_lerp_"]},
+    )
 
 
 def time_enqueue(res: Results, ceil: Ceilings) -> None:
@@ -545,8 +597,13 @@ def step_bench(res: Results) -> None:
 # ---------------------------------------------------------------- env and report
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -565,9 +622,10 @@ def env_section(res: Results) -> dict:
         "commit": _commit(),
         "pin_tiles": os.environ.get("FASTMOCO_PIN_TILES"),
         "install": ARGS.install or "not run by device_check.sh",
-        "extension": "absent" if extension_op() is None
+        "extension": "absent"
+        if extension_op() is None
         else ("with CUDA" if extension_has_cuda() else "CPU only"),
-    }  # fmt: skip
+    }
     if CUDA:
         props = torch.cuda.get_device_properties(0)
         info["sms"] = props.multi_processor_count
@@ -609,31 +667,42 @@ def markdown(res: Results, info: dict, wall: float) -> str:
         if r["section"] == "check":
             err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.2e}"
             tol = "-" if r.get("tol") is None else f"{r['tol']:.0e}"
-            verdict = "ERROR " + r["error"] if "error" in r else (
-                "ok" if r["passed"] else "FAIL")  # fmt: skip
-            lines.append(f"| {r.get('case')} | {r.get('quantity', '-')} | {err} | {tol} | "
-                         f"{verdict} |")  # fmt: skip
-    lines += ["", "| case | impl | median | floor | x floor | speed-up | peak extra MiB |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+            verdict = "ERROR " + r["error"] if "error" in r else ("ok" if r["passed"] else "FAIL")
+            lines.append(
+                f"| {r.get('case')} | {r.get('quantity', '-')} | {err} | {tol} | {verdict} |"
+            )
+    lines += [
+        "",
+        "| case | impl | median | floor | x floor | speed-up | peak extra MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res.rows:
         if r["section"] not in ("time", "step"):
             continue
         if "value" in r:  # ceilings and ratios
             v = r["value"]
             text = {"B/s": f"{v / 1e9:.1f} GB/s", "flop/s": f"{v / 1e12:.2f} TFLOP/s"}.get(
-                r.get("unit"), f"{v:.2f}x")
+                r.get("unit"), f"{v:.2f}x"
+            )
             lines.append(f"| {r['case']} | {r['impl']} | {text} | | | | |")
             continue
         if "error" in r or "note" in r:
-            lines.append(f"| {r.get('case')} | {r.get('impl', '-')} | "
-                         f"{r.get('error') or r.get('note')} | | | | |")  # fmt: skip
+            lines.append(
+                f"| {r.get('case')} | {r.get('impl', '-')} | "
+                f"{r.get('error') or r.get('note')} | | | | |"
+            )
             continue
-        speed = ", ".join(f"{v:.2f}x vs {k[len('speedup_vs_'):]}" for k, v in r.items()
-                          if k.startswith("speedup_vs_"))  # fmt: skip
+        speed = ", ".join(
+            f"{v:.2f}x vs {k[len('speedup_vs_') :]}"
+            for k, v in r.items()
+            if k.startswith("speedup_vs_")
+        )
         xf = f"{r['x_floor']:.2f}" if r.get("x_floor") else "-"
         peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.2f}"
-        lines.append(f"| {r['case']} | {r['impl']} | {_fmt_time(r['median_s'])} | "
-                     f"{_fmt_time(r.get('floor_s'))} | {xf} | {speed or '-'} | {peak} |")  # fmt: skip
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {_fmt_time(r['median_s'])} | "
+            f"{_fmt_time(r.get('floor_s'))} | {xf} | {speed or '-'} | {peak} |"
+        )
     errors = [r for r in res.rows if "error" in r]
     if errors:
         lines += ["", "Sections that raised:"]

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with a GPU: build the extension, run the GPU tests, then the benchmark suite.
+# On a machine with a GPU: install the project (bench/install.sh: editable, building the
+# extension), run the GPU tests, then the benchmark suite. For the first, short call on a
+# lent machine use bench/device_check.sh instead; this runs the longer suites.
 # Results (logs, JSON, a markdown table) go to $OUT, or bench/out when OUT is unset.
 #
 #   bench/run_gpu.sh                          everything
@@ -20,10 +22,10 @@ python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch
 git rev-parse --short HEAD >> "$OUT/device.txt" 2>/dev/null || true
 cat "$OUT/device.txt"
 
-# The extension, built in place against the torch on this machine (no isolation, no deps).
-FASTMOCO_BUILD_CUDA=1 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-    || { echo "extension build failed: see $OUT/build.log"; tail -20 "$OUT/build.log"; status=1; }
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Installed as a user installs it: kernels/ is fastmoco.kernels only through setup.py's
+# package_dir, which an in-place build with PYTHONPATH=. does not apply.
+FASTMOCO_BUILD_CUDA=${FASTMOCO_BUILD_CUDA:-1} PYTHON=python bash bench/install.sh "$OUT/build.log" \
+    || { echo "install failed: see $OUT/build.log"; tail -20 "$OUT/build.log"; exit 1; }
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     python -m pytest tests/ -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"

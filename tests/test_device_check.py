@@ -29,8 +29,10 @@ def _venv_seeing_this_env(path: Path) -> Path:
     python = path / "bin" / "python"
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
     ours.append(sysconfig.get_paths()["purelib"])
     (Path(purelib) / "parent_env.pth").write_text("\n".join(dict.fromkeys(ours)) + "\n")
@@ -47,21 +49,39 @@ def test_fresh_clone_installs_importable_kernels(tmp_path):
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     python = _venv_seeing_this_env(tmp_path / "venv")
 
-    before = subprocess.run([str(python), "-c", KERNELS_IMPORT], cwd=tmp_path,
-                            env=_env(PYTHONPATH=str(clone)), capture_output=True, text=True)  # fmt: skip
+    before = subprocess.run(
+        [str(python), "-c", KERNELS_IMPORT],
+        cwd=tmp_path,
+        env=_env(PYTHONPATH=str(clone)),
+        capture_output=True,
+        text=True,
+    )
     assert before.returncode != 0 and "fastmoco.kernels" in before.stderr, before.stderr
 
     # The extension's build is checked by the suite's own install; here only the packaging.
     log = tmp_path / "install.log"
-    done = subprocess.run(["bash", str(clone / "bench" / "install.sh"), str(log)],
-                          env=_env(PYTHON=str(python), FASTMOCO_BUILD_EXT="0"),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(clone / "bench" / "install.sh"), str(log)],
+        env=_env(PYTHON=str(python), FASTMOCO_BUILD_EXT="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + log.read_text()
     assert done.stdout.startswith("installed: without extension"), done.stdout
 
-    probe = KERNELS_IMPORT + "; print(fastmoco.kernels.info_nce.__file__, fastmoco.kernels.ema.__file__)"
-    after = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    probe = (
+        KERNELS_IMPORT
+        + "; print(fastmoco.kernels.info_nce.__file__, fastmoco.kernels.ema.__file__)"
+    )
+    after = subprocess.run(
+        [str(python), "-c", probe],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     files = after.stdout.split()
     assert files == [str(clone / "kernels" / "info_nce.py"), str(clone / "kernels" / "ema.py")]
 
@@ -70,12 +90,22 @@ def _device_check(tmp_path, *args, prelude: str = "") -> tuple[subprocess.Comple
     """bench/device_check.py --cpu in a fresh process; prelude runs first (to sabotage an op)."""
     out = tmp_path / "out"
     script = ROOT / "bench" / "device_check.py"
-    code = (
-        f"import runpy, sys; sys.argv = [{str(script)!r}, '--cpu', '--out', {str(out)!r}, "
-        f"*{list(args)!r}]; {prelude}; runpy.run_path({str(script)!r}, run_name='__main__')"
+    code = "\n".join(
+        [
+            "import runpy, sys",
+            f"sys.argv = [{str(script)!r}, '--cpu', '--out', {str(out)!r}, *{list(args)!r}]",
+            prelude,
+            f"runpy.run_path({str(script)!r}, run_name='__main__')",
+        ]
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(TRITON_INTERPRET="1"),
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_env(TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     return done, out
 
 
@@ -91,18 +121,34 @@ def test_device_check_runs_end_to_end_on_cpu(tmp_path):
     checks = [r for r in rows if r["section"] == "check"]
     assert len(checks) >= 35 and all(r["passed"] for r in checks)
     cases = " ".join(r["case"] for r in checks)
-    for what in ("moco single pass bf16", "moco single pass fp32", "buf.T", "general fp32",
-                 "in-batch", "NT-Xent", "ema", "unaligned", "enqueue"):  # fmt: skip
+    for what in (
+        "moco single pass bf16",
+        "moco single pass fp32",
+        "buf.T",
+        "general fp32",
+        "in-batch",
+        "NT-Xent",
+        "ema",
+        "unaligned",
+        "enqueue",
+    ):
         assert what in cases, what
     assert {r["quantity"] for r in checks} >= {"loss", "rank", "dq", "dk", "dqueue", "update"}
 
     timed = {(r["case"], r["impl"]) for r in rows if r["section"] == "time"}
     impls = {impl for _, impl in timed}
-    assert {"fused", "eager bf16 autocast", "eager fp32 reference", "_foreach_lerp_",
-            "loop (official)", "slice (official, host sync)"} <= impls  # fmt: skip
+    assert {
+        "fused",
+        "eager bf16 autocast",
+        "eager fp32 reference",
+        "_foreach_lerp_",
+        "loop (official)",
+        "slice (official, host sync)",
+    } <= impls
     fused = [r for r in rows if r.get("impl") == "fused"]
-    assert all("speedup_vs_autocast" in r and "speedup_vs_fp32" in r and r["x_floor"] > 0
-               for r in fused)  # fmt: skip
+    assert all(
+        "speedup_vs_autocast" in r and "speedup_vs_fp32" in r and r["x_floor"] > 0 for r in fused
+    )
     # The table is printed last and saved, identical, for bench/RESULTS.md.
     table = (out / "results.md").read_text()
     assert done.stdout.rstrip().endswith(table.rstrip())
@@ -119,7 +165,6 @@ def test_device_check_fails_on_a_gradient_off_by_one_percent(tmp_path):
         "    return real(q, *a, **kw)\n"
         "ops.info_nce = scaled; ops.momentum_update_ = lambda *a, **kw: None"
     )
-    prelude = f"exec({prelude!r})"
     done, out = _device_check(tmp_path, "--sections", "check", prelude=prelude)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
