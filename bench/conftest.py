@@ -45,9 +45,10 @@ _ROWS: list[dict] = []
 def report_row():
     """report_row(group, impl, median_s, floor_s=None, peak_bytes=None, baseline="eager").
 
-    The table gives each row's time against the group's `baseline` row (same run, same
-    inputs) and against the floor (the time the bytes and flops need at the device's
-    rated bandwidth and throughput), and its peak extra memory against the baseline's."""
+    The table gives each row's time against the group's `baseline` row(s) (same run, same
+    inputs; a tuple names several, the first also for memory) and against the floor (the
+    time the bytes and flops need at the copy bandwidth and bf16 matmul rate measured in
+    this run: the `ceilings` fixture), and its peak extra memory against the baseline's."""
 
     def add(group, impl, median_s, floor_s=None, peak_bytes=None, baseline="eager"):
         _ROWS.append(
@@ -75,10 +76,14 @@ def _table() -> list[str]:
         by_group.setdefault(row["group"], {})[row["impl"]] = row
     for group, rows in by_group.items():
         for impl, row in rows.items():
-            base = rows.get(row["baseline"])
+            names = row["baseline"] if isinstance(row["baseline"], tuple) else (row["baseline"],)
+            bases = [(n, rows.get(n)) for n in names if n != impl]
+            base = rows.get(names[0])
             t, f, peak = row["median_s"], row["floor_s"], row["peak"]
             x_floor = f"{t / f:.1f}" if (t and f) else "-"
-            speed = f"{base['median_s'] / t:.2f}x" if (base and base["median_s"] and t) else "-"
+            ratios = [f"{b['median_s'] / t:.2f}x vs {n}" for n, b in bases
+                      if b and b["median_s"] and t]  # fmt: skip
+            speed = ", ".join(ratios) or "-"
             mib = "OOM" if t is None else ("-" if peak is None else f"{peak / 2**20:.2f}")
             mem = "-"
             if base and base["peak"] and peak is not None and t is not None:
@@ -103,6 +108,22 @@ def pytest_terminal_summary(terminalreporter):
         target = os.environ.get("FASTMOCO_BENCH_MD")
         if target:
             Path(target).write_text(pytest_report_header(None) + "\n\n" + "\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="session")
+def ceilings() -> dict:
+    """The floors' rates, measured once per run on the GPU (bench/measure.py): bytes/s of a
+    1 GiB device copy (read + written) and flop/s of an 8192^3 bf16 matmul on random data.
+    None on CPU, where a shared machine gives no stable ceiling."""
+    if not torch.cuda.is_available():
+        return {"copy_bytes_per_s": None, "bf16_flops_per_s": None}
+    from measure import copy_rate, matmul_rate
+
+    device = torch.device("cuda")
+    return {
+        "copy_bytes_per_s": copy_rate(device, 2**30)[0],
+        "bf16_flops_per_s": matmul_rate(device, 8192)[0],
+    }
 
 
 def _commit() -> str:

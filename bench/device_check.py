@@ -84,6 +84,9 @@ from fastmoco.ops import enqueue_, info_nce, momentum_update_, nt_xent  # noqa: 
 from fastmoco.ops import reference as ref  # noqa: E402
 from fastmoco.ops.enqueue import extension_has_cuda, extension_op  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402  (bench/measure.py: timing shared with the pytest benchmarks)
+
 if GPU_MODE and not torch.cuda.is_available():
     sys.exit("nvidia-smi is here but torch sees no CUDA device: check the driver and torch")
 CUDA = GPU_MODE
@@ -141,29 +144,11 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------- measuring
 def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
+    measure.sync(DEVICE)
 
 
-def median_seconds(fn, grad_to_none=None, cpu_reps: int = 1) -> float:
-    """Median time of fn: CUDA events through triton.testing.do_bench (which flushes L2
-    between calls and times many calls), or perf_counter on CPU."""
-    if CUDA:
-        import triton.testing
-
-        ms = triton.testing.do_bench(
-            fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"
-        )
-        return ms / 1e3
-    fn()  # warm-up
-    times = []
-    for _ in range(cpu_reps):
-        for t in grad_to_none or ():
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def median_seconds(fn, grad_to_none=None) -> float:
+    return measure.median_seconds(fn, DEVICE, grad_to_none=grad_to_none)
 
 
 # How graphed() runs: a CUDA graph's replay on GPU; on CPU the same calls, plainly.
@@ -171,21 +156,7 @@ REPLAY = "CUDA-graph replay" if CUDA else "plain calls (CPU mode)"
 
 
 def graphed(fn, calls: int = 1):
-    """A callable that replays `calls` calls of fn captured in one CUDA graph (after a
-    warm-up on a side stream, as torch.cuda.graph asks); on CPU, the calls themselves."""
-    if not CUDA:
-        return lambda: [fn() for _ in range(calls)]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return graph.replay
+    return measure.graphed(fn, DEVICE, calls)
 
 
 def peak_bytes(fn) -> int:
@@ -435,12 +406,9 @@ def time_row(res, case, impl, seconds, floor=None, peak=None, baselines=None):
 
 
 def time_ceilings(res: Results, ceil: Ceilings) -> None:
-    n = SIZES["copy_bytes"] // 4
-    src = torch.randn(n, device=DEVICE)
-    dst = torch.empty_like(src)
-    t = median_seconds(lambda: dst.copy_(src))
-    ceil.copy_bytes_per_s = 2 * n * 4 / t  # read + write
-    time_row(res, f"copy {n * 4 / 2**30:.3g} GiB", "copy_", t)
+    nbytes = SIZES["copy_bytes"]
+    ceil.copy_bytes_per_s, t = measure.copy_rate(DEVICE, nbytes)
+    time_row(res, f"copy {nbytes / 2**30:.3g} GiB fp32", "copy_", t)
     res.add(
         "time",
         case="ceiling",
@@ -448,29 +416,12 @@ def time_ceilings(res: Results, ceil: Ceilings) -> None:
         value=ceil.copy_bytes_per_s,
         unit="B/s",
     )
-    src = dst = None  # free the 2 GiB before the matmul
     s = SIZES["matmul"]
-    a = torch.randn(s, s, device=DEVICE).bfloat16()
-    b = torch.randn(s, s, device=DEVICE).bfloat16()
-    t = median_seconds(lambda: a @ b)
-    ceil.bf16_flops_per_s = 2 * s**3 / t
+    ceil.bf16_flops_per_s, t = measure.matmul_rate(DEVICE, s)
     time_row(res, f"matmul {s}^3 bf16", "torch.mm", t)
     res.add(
         "time", case="ceiling", impl="bf16 matmul rate", value=ceil.bf16_flops_per_s, unit="flop/s"
     )
-
-
-def algorithm1(q, k, buf, temperature):
-    """MoCo's Algorithm 1 (and the official builder.py) as a user runs it under bf16
-    autocast: normalised features, einsum logits against a clone of the (C, K) buffer,
-    concatenation, cross-entropy with label 0."""
-    with torch.autocast(q.device.type, dtype=torch.bfloat16):
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-        l_neg = torch.einsum("nc,ck->nk", q, buf.clone().detach())
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=q.device)
-        return F.cross_entropy(logits, labels)
 
 
 def time_info_nce(res: Results, ceil: Ceilings) -> None:
@@ -487,13 +438,11 @@ def _time_info_nce_case(res: Results, ceil: Ceilings, N, K, C, dname) -> None:
     k = unit(torch.randn(N, C, device=DEVICE, generator=g)).to(dtype)
     buf = unit(torch.randn(C, K, device=DEVICE, generator=g), dim=0).to(dtype)
     impls = {  # baselines first, so the fused rows can carry both ratios
-        "eager bf16 autocast": lambda: algorithm1(q, k, buf, T_MOCO),
+        "eager bf16 autocast": lambda: measure.algorithm1(q, k, buf, T_MOCO),
         "eager fp32 reference": lambda: ref.info_nce_reference(q, k, buf.T, T_MOCO),
         "fused": lambda: info_nce(q, k, buf.T, T_MOCO, backend="triton"),
     }
-    size = torch.finfo(dtype).bits // 8
-    nbytes = (K * C + 3 * N * C) * size  # queue once, q and k in, dq out
-    floor = max(nbytes / ceil.copy_bytes_per_s, 4 * N * K * C / ceil.bf16_flops_per_s)
+    floor = measure.info_nce_floor(N, K, C, dtype, ceil.copy_bytes_per_s, ceil.bf16_flops_per_s)
     case = f"info_nce fwd+bwd {dname} N={N} K={K} C={C}"
     base: dict[str, float] = {}
     for impl, fn in impls.items():
@@ -580,18 +529,42 @@ def time_enqueue(res: Results, ceil: Ceilings) -> None:
     for impl, backend in impls.items():
         replay = graphed(lambda b=backend: enqueue_(queue, ptr, keys, backend=b), calls=calls)
         t = median_seconds(replay) / calls
-        time_row(res, case, f"{impl}, {calls} per {REPLAY}", t, floor, baselines={"slice": base})
+        time_row(
+            res, case, f"{impl}, {calls} calls per {REPLAY}", t, floor, baselines={"slice": base}
+        )
 
 
 # ---------------------------------------------------------------- the step (issue 11)
 def step_bench(res: Results) -> None:
-    """One training step per model, from issue 11's step benchmark when it is merged."""
+    """One MoCo v2 training step, official vs fastmoco eager vs its CUDA graph vs the
+    networks alone: issue 11's step benchmark (fastmoco.engine.step_bench), bf16 queue,
+    ResNet-50 224 px batch 32 and ResNet-18 32 px batch 512 (CPU: its tiny size)."""
     try:
-        from fastmoco.engine.step import step_benchmark  # noqa: F401
+        from fastmoco.engine import step_bench as sb
     except ImportError:
-        res.add("step", case="training step", note="issue 11's step benchmark is not merged")
-        _log("  step benchmark not present (issue 11)")
+        res.add("step", case="training step", note="fastmoco.engine.step_bench not present")
+        _log("  the step benchmark (issue 11) is not present")
         return
+    if CUDA:
+        sizes = (sb.Size("resnet50", 224, 32), sb.Size("resnet18", 32, 512, True))
+        kw = dict(K=sb.GPU_K, steps=10, warmup=3)
+    else:
+        sizes, kw = sb.CPU_SIZES, dict(K=sb.CPU_K, steps=2, warmup=1)
+    for size in sizes:
+        for row in sb.bench_size(size, DEVICE, queues=("bf16",), **kw):
+            r = res.add(
+                "step",
+                case=f"step {row['size']}",
+                impl=row["row"],
+                median_s=row["sec"],
+                peak_bytes=row["peak"],
+                images_per_s=row["images_per_s"],
+                speedup_vs_official=row["speedup"],
+            )
+            _log(
+                f"  {r['case']:<40} {r['impl']:<40} {_fmt_time(r['median_s']):>10}  "
+                f"{r['images_per_s']:.0f} img/s"
+            )
 
 
 # ---------------------------------------------------------------- env and report

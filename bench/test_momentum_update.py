@@ -7,9 +7,15 @@ Run: pytest bench/ --benchmark-only. Implementations, on the same fp32 tensor li
   foreach_mul_add  torch._foreach_mul_(t, m) + torch._foreach_add_(t, s, alpha=1 - m)
   foreach_lerp  torch._foreach_lerp_(t, s, 1 - m)
   fastmoco      fastmoco.ops.momentum_update_ on the lists (validation, table look-up, then
-                on CUDA the Triton kernel, on CPU _foreach_lerp_)
-  kernel        kernels/ema.py's ema_ with its table built once (what a captured CUDA graph
-                replays: no Python per step); CUDA only (on CPU it would be the interpreter)
+                on CUDA the Triton kernel, forced with backend="triton" so that a kernel
+                failure fails the benchmark; on CPU _foreach_lerp_)
+  kernel        kernels/ema.py's ema_ with its table built once, 10 calls replayed from one
+                CUDA graph (what a captured training step pays: no Python per step); CUDA
+                only (on CPU it would be the interpreter)
+
+Timing on CUDA: triton.testing.do_bench's median (CUDA events, no host sync inside the timed
+region, bench/measure.py) goes into the comparison table; pytest-benchmark's own columns
+come from a few host-timed rounds that end in a synchronize.
 
 Parameter sets: torchvision ResNet-50 (161 tensors, 25.6M) and ViT-B/16 (152, 86.6M) on
 CUDA; on CPU a ResNet-18 (62, 11.7M) and a small ViT (4 layers, width 192) so the suite
@@ -18,9 +24,9 @@ stays quick. Parameters only (no BN buffers), as the official update.
 Bytes: lerp reads t and s and writes t, 12 bytes per fp32 parameter; that is the least any
 implementation moves (mul+add moves 20, the loop 28 plus allocations). Reported: achieved
 bandwidth = 12 B x params / median, and the floor = 12 B x params / the copy bandwidth
-measured in the same run (a large tensor copy_, read + write), so "x floor" 1.25 means 80 %
-of the measured copy bandwidth. The table shows the floor on CUDA only (extra_info has it
-on CPU too, for what a noisy shared CPU's copy is worth).
+measured in the same run (a 1 GiB copy_, read + write: the `ceilings` fixture), so
+"x floor" 1.25 means 80 % of the measured copy bandwidth. The table shows the floor on
+CUDA only (extra_info has it on CPU too, for what a noisy shared CPU's copy is worth).
 """
 
 import functools
@@ -28,6 +34,7 @@ import time
 
 import pytest
 import torch
+from measure import graphed, median_seconds
 from torchvision.models import resnet18, resnet50, vit_b_16
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -53,6 +60,7 @@ CASES = [
     pytest.param("cuda", "vit_b_16", id="cuda-vit_b_16", marks=NO_GPU),
 ]
 IMPLS = ["loop", "foreach_mul_add", "foreach_lerp", "fastmoco", "kernel"]
+GRAPH_CALLS = 10  # the kernel's calls per graph replay
 
 
 def _sync(device):
@@ -102,18 +110,21 @@ def _step(impl, targets, sources, device):
     if impl == "foreach_lerp":
         return lambda: torch._foreach_lerp_(targets, sources, 1 - M)
     if impl == "fastmoco":
-        return lambda: momentum_update_(targets, sources, M)
+        backend = "triton" if device.type == "cuda" else None
+        return lambda: momentum_update_(targets, sources, M, backend=backend)
     if device.type != "cuda":
         pytest.skip("the Triton kernel alone is timed on CUDA only (CPU: the interpreter)")
     from fastmoco.kernels.ema import build_ema_plan, ema_
 
     plan = build_ema_plan(targets, sources)
-    return lambda: ema_(plan, M)
+    return graphed(lambda: ema_(plan, M), device, calls=GRAPH_CALLS)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device,model", CASES)
-def test_momentum_update(benchmark, env_info, measure_peak, report_row, device, model, impl):
+def test_momentum_update(
+    benchmark, env_info, measure_peak, report_row, ceilings, device, model, impl
+):
     device = torch.device(device)
     params = _parameters(model)
     targets = [p.to(device, copy=True) for p in params]
@@ -129,12 +140,13 @@ def test_momentum_update(benchmark, env_info, measure_peak, report_row, device, 
     numel = sum(p.numel() for p in params)
     group = f"ema {device.type} {model} ({len(params)} tensors, {numel / 1e6:.1f}M fp32)"
     benchmark.group = group
-    rounds = 50 if device.type == "cuda" else 5
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
 
     median = benchmark.stats.stats.median
+    if device.type == "cuda":  # CUDA events, no sync inside the timed region
+        median = median_seconds(fn, device) / (GRAPH_CALLS if impl == "kernel" else 1)
     nbytes = 12 * numel
-    bandwidth = copy_bandwidth(device.type)
+    bandwidth = ceilings["copy_bytes_per_s"] or copy_bandwidth(device.type)
     floor = nbytes / bandwidth
     # No floor on CPU: a shared 2-core machine's copy_ is no stable bandwidth reference.
     cuda_floor = floor if device.type == "cuda" else None

@@ -4,10 +4,10 @@ code paths and output files as on the GPU)."""
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -110,11 +110,14 @@ def _device_check(tmp_path, *args, prelude: str = "") -> tuple[subprocess.Comple
 
 
 def test_device_check_runs_end_to_end_on_cpu(tmp_path):
-    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done, out = _device_check(tmp_path)
-    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert wall < 120, f"the CPU mode took {wall:.0f} s; CI allows 2 minutes"
+    # CPU seconds, not wall: other jobs on a shared CI machine slow the wall clock, not the
+    # work (about 15 s of CPU, 35 s of wall on an idle 2-core machine).
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert cpu < 120, f"the CPU mode took {cpu:.0f} CPU seconds; CI allows 2 minutes"
 
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
