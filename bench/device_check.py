@@ -594,6 +594,8 @@ def env_section(res: Results) -> dict:
         "python": platform.python_version(),
         "commit": _commit(),
         "pin_tiles": os.environ.get("FASTMOCO_PIN_TILES"),
+        # fp32 dots follow torch's flag: TF32 on gives ~1e-3 errors, above the fp32 tolerance.
+        "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "install": ARGS.install or "not run by device_check.sh",
         "extension": "absent"
         if extension_op() is None

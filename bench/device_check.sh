@@ -42,7 +42,7 @@ if command -v nvcc > /dev/null; then
     rm -rf "$probe"
     export FASTMOCO_BUILD_CUDA=${FASTMOCO_BUILD_CUDA:-1}
 fi
-install=$(INSTALL_TIMEOUT=${INSTALL_TIMEOUT:-150} bash bench/install.sh "$OUT/install.log")
+install=$(INSTALL_TIMEOUT=${INSTALL_TIMEOUT:-120} bash bench/install.sh "$OUT/install.log")
 status=$?
 echo "$install ($((SECONDS - start)) s so far)"
 if [ $status -ne 0 ]; then
@@ -51,9 +51,9 @@ if [ $status -ne 0 ]; then
 fi
 
 # Run from outside bench/'s conftest; the check's own limit keeps the whole under 7 min.
-timeout "${CHECK_TIMEOUT:-330}" python3 bench/device_check.py --out "$OUT" \
+timeout "${CHECK_TIMEOUT:-300}" python3 bench/device_check.py --out "$OUT" \
     --install "$install" "$@" 2>&1 | tee "$OUT/check.log"
 status=${PIPESTATUS[0]}
-[ "$status" -eq 124 ] && echo "device_check.py ran past ${CHECK_TIMEOUT:-330} s: see $OUT/results.jsonl"
+[ "$status" -eq 124 ] && echo "device_check.py ran past ${CHECK_TIMEOUT:-300} s: see $OUT/results.jsonl"
 echo "device check: exit $status, $((SECONDS - start)) s in all"
 exit "$status"

@@ -20,7 +20,8 @@
 # and tests/test_device_check.py runs it on a fresh clone.
 set -uo pipefail
 PY=${PYTHON:-python3}
-LOG=$(realpath -m "${1:-/dev/stderr}")
+LOG=/dev/stderr
+[ $# -ge 1 ] && LOG=$(realpath -m "$1")
 cd "$(dirname "$0")/.."
 : > "$LOG" 2>/dev/null || LOG=/dev/stderr
 
