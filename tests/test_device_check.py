@@ -104,7 +104,7 @@ def _device_check(tmp_path, *args, prelude: str = "") -> tuple[subprocess.Comple
         env=_env(TRITON_INTERPRET="1"),
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=900,
     )
     return done, out
 
