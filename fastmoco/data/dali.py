@@ -28,7 +28,7 @@ around mid-grey rather than the image mean, and hue is rotated in YIQ space rath
 v1 grayscales before the jitter in torchvision; with saturation folded into one twist the
 order does not matter (a grey image stays grey under brightness, contrast and hue).
 
-Order and sharding are the torch loader's (loader.ShardedBatchSampler): each epoch a
+Order and sharding are the torch loader's (sampler.ShardedBatchSampler): each epoch a
 permutation seeded by seed + epoch, cut to full global batches and dealt round-robin, so
 every image is used at most once per epoch across ranks, every rank runs the same number of
 full batches, and set_epoch(epoch, start_step) resumes mid-epoch. The paths come from
@@ -67,7 +67,7 @@ from fastmoco.data.augment import (
     blur_kernel_size,
 )
 from fastmoco.data.folder import _READ_ERRORS, MAX_BAD_IN_A_ROW, load_rgb, scan_image_folder
-from fastmoco.data.loader import ShardedBatchSampler
+from fastmoco.data.sampler import ShardedBatchSampler
 from fastmoco.errors import DataError, UsageError
 
 RECIPES = ("v1", "v2")  # v3's asymmetric pair (solarize) runs on the DataLoader path only
