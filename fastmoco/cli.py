@@ -1,164 +1,464 @@
-"""`fastmoco train | knn | lincls | export | compare`: the command line.
+"""`fastmoco train | knn | lincls | export | compare`: the whole command line.
 
-`fastmoco <command> --help` is the manual of each command.
+Every parser is here, in argument groups; `fastmoco <command> --help` is each command's
+manual. The flags of `train` and `lincls` are made from the fields of TrainConfig and
+LinclsConfig (one flag per field, typed from its annotation), so every field has a flag by
+construction; TRAIN_FLAGS and LINCLS_FLAGS give each one its group and help.
 """
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 from pathlib import Path
 
 from fastmoco.config import PRESETS, TrainConfig
+from fastmoco.engine.checkpoint_io import FORMATS
 from fastmoco.errors import UsageError
+from fastmoco.eval.lincls import PRESETS as LINCLS_PRESETS
+from fastmoco.eval.lincls import LinclsConfig
 
-D = TrainConfig()  # for the defaults quoted in --help
+DEVICES = ["auto", "cpu", "cuda"]
+
+# group title -> {field: help, or (help, extra add_argument keywords)}. Fields left out
+# still get a flag (in "other"); tests/test_cli.py asserts that none is left out.
+TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
+    "what to train": {
+        "preset": (
+            "configuration that sets every value below (default: demo without --data, "
+            "mocov2 with it)",
+            dict(choices=sorted(PRESETS)),
+        ),
+        "method": (
+            "moco (v1/v2), mocov3 (set by --preset mocov3), simclr (end-to-end), membank "
+            "(memory bank, --queue-size negatives), drlim (margin loss on pairs)",
+            dict(choices=["moco", "mocov3", "simclr", "membank", "drlim"]),
+        ),
+        "arch": "backbone: resnet18, resnet34, resnet50, resnet-tiny; vit_small, vit_base "
+        "with mocov3",
+        "small_images": "3x3 stem without max-pool, for 32-64 px images",
+        "frozen_patch_proj": "ViT: keep the random patch projection frozen (mocov3-vit)",
+        "dim": "output feature dimension C (mocov3: 256)",
+        "mlp_hidden": "hidden width of the MLP head; 0 = v1's fc head",
+    },
+    "contrastive loss": {
+        "queue_size": "K, negatives in the queue (membank: negatives drawn from the bank)",
+        "moco_m": "key-encoder momentum m",
+        "moco_m_cos": "raise the momentum from --moco-m to 1 on a half cosine (mocov3)",
+        "temperature": "T (mocov1: 0.07)",
+        "shuffle_bn": "shuffle BN: encode keys in a shuffled order across BN groups",
+        "bn_splits": "BN groups per device for shuffle BN (8 simulates 8 GPUs on one)",
+        "bank_m": "membank: momentum of the stored features",
+        "margin": "drlim: margin of dissimilar pairs",
+    },
+    "data and augmentation": {
+        "data": (
+            "ImageFolder root: DIR/train and DIR/val (kNN monitor), or DIR as train set "
+            "(default: the embedded demo set)",
+            dict(metavar="DIR"),
+        ),
+        "demo_seed": "which demo dataset to draw (without --data)",
+        "recipe": (
+            "augmentation: v1, v2 (adds blur), v3 (BYOL's asymmetric pair, solarize)",
+            dict(choices=["v1", "v2", "v3"]),
+        ),
+        "crop_size": "training crop in pixels",
+        "crop_scale": ("RandomResizedCrop's area range", dict(metavar=("MIN", "MAX"))),
+        "mean": ("normalisation mean per channel", dict(metavar=("R", "G", "B"))),
+        "std": ("normalisation std per channel", dict(metavar=("R", "G", "B"))),
+        "loader": (
+            "input pipeline: DALI (GPU decode + augmentation; CPU mode without CUDA) or the "
+            "torchvision DataLoader (auto: DALI on CUDA when installed)",
+            dict(choices=["auto", "dali", "torch"]),
+        ),
+        "workers": "data-loading processes per rank",
+        "skip_bad_images": "count and skip unreadable images instead of stopping at the first",
+    },
+    "optimisation": {
+        "epochs": "epochs",
+        "batch_size": "global batch over all GPUs",
+        "lr": "base learning rate for batch 256; the rate used is lr x batch-size / 256",
+        "optimizer": (
+            "sgd (v1/v2), lars (v3 ResNet), adamw (v3 ViT)",
+            dict(choices=["sgd", "lars", "adamw"]),
+        ),
+        "momentum": "SGD/LARS momentum",
+        "weight_decay": "weight decay",
+        "schedule": (
+            "cosine (v2) or step (v1: x0.1 at --lr-steps)",
+            dict(choices=["cosine", "step"]),
+        ),
+        "lr_steps": "epochs where --schedule step multiplies the lr by 0.1",
+        "warmup_epochs": "linear warm-up epochs",
+        "amp": "mixed precision (autocast)",
+        "amp_dtype": ("fp16 uses a GradScaler, CUDA only", dict(choices=["bf16", "fp16"])),
+        "channels_last": "NHWC memory format",
+    },
+    "kNN monitor (weighted kNN on DIR/val, bank = DIR/train)": {
+        "knn_every": "epochs between kNN evaluations (0: off)",
+        "knn_k": "neighbours",
+        "knn_t": "temperature of the neighbours' votes",
+    },
+    "run": {
+        "device": ("auto: CUDA when visible", dict(choices=DEVICES)),
+        "gpus": "local processes, one per GPU; under torchrun the environment decides",
+        "out": ("run directory (default runs/<preset>-<date-time>)", dict(metavar="DIR")),
+        "resume": (
+            "checkpoint file, run directory, or 'auto' (newest run of the preset)",
+            dict(metavar="PATH"),
+        ),
+        "seed": "seed of weights, data order, augmentation and shuffle BN",
+        "log_every": "steps between reads of the loss (each read is a host sync)",
+        "progress": "progress bars",
+    },
+}
+
+LINCLS_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
+    "what to evaluate": {
+        "preset": (
+            "configuration that sets every value below (default: demo without --data, "
+            "official with it)",
+            dict(choices=sorted(LINCLS_PRESETS)),
+        ),
+        "pretrained": (
+            "checkpoint file: fastmoco checkpoint.pt, official MoCo, torchvision ResNet",
+            dict(required=True, metavar="FILE"),
+        ),
+        "arch": "backbone, for files that do not name one (read off the keys if absent)",
+    },
+    "data": {
+        "data": (
+            "ImageFolder root with train/ and val/ (default: the demo set)",
+            dict(metavar="DIR"),
+        ),
+        "crop_size": "train RandomResizedCrop and val CenterCrop size",
+        "crop_scale": ("train RandomResizedCrop's area range", dict(metavar=("MIN", "MAX"))),
+        "resize_size": "val Resize before the center crop (default crop/0.875)",
+        "mean": ("normalisation mean (default: the checkpoint's)", dict(metavar=("R", "G", "B"))),
+        "std": ("normalisation std (default: the checkpoint's)", dict(metavar=("R", "G", "B"))),
+        "workers": "data-loading processes per rank",
+    },
+    "optimisation (SGD on the linear layer only)": {
+        "epochs": "epochs",
+        "batch_size": "global batch over all GPUs",
+        "lr": "learning rate, used as given (not scaled by batch)",
+        "lr_steps": "epochs where the lr drops x0.1",
+        "momentum": "SGD momentum",
+        "weight_decay": "weight decay",
+        "amp": "backbone under autocast (fc stays fp32)",
+        "amp_dtype": ("fp16: CUDA only", dict(choices=["bf16", "fp16"])),
+        "channels_last": "NHWC memory format",
+    },
+    "run": {
+        "device": ("auto: CUDA when visible", dict(choices=DEVICES)),
+        "gpus": "local processes, one per GPU; under torchrun the environment decides",
+        "out": ("run directory (default runs/lincls-<preset>-<date-time>)", dict(metavar="DIR")),
+        "resume": (
+            "checkpoint file, run directory, or 'auto' (newest lincls run)",
+            dict(metavar="PATH"),
+        ),
+        "seed": "seed of fc's init, data order and augmentation",
+        "progress": "progress bar",
+    },
+}
+
+
+def _flag_type(annotation) -> tuple[type, int | str | None]:
+    """(element type, nargs) of a field annotation: int, str | None, tuple[float, float],
+    tuple[int, ...]."""
+    if isinstance(annotation, types.UnionType):  # X | None
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        return args[0], ("+" if args[-1] is Ellipsis else len(args))
+    return annotation, None
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+METAVARS = {int: "N", float: "X", str: "NAME"}
+
+
+def add_config_flags(parser, cls, groups: dict, shown: object) -> None:
+    """One flag per field of dataclass cls, --field-name, in the argument groups of `groups`.
+    Every flag defaults to None (= keep the preset's value); help quotes the value in the
+    preset `shown`. Booleans get --x / --no-x."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unlisted = {name: "" for name in fields if not any(name in g for g in groups.values())}
+    for title, flags in {**groups, "other": unlisted}.items():
+        if not flags:
+            continue
+        group = parser.add_argument_group(title)
+        for name, spec in flags.items():
+            help_text, extra = spec if isinstance(spec, tuple) else (spec, {})
+            value = getattr(shown, name)
+            if value is not None and name not in ("preset", "pretrained"):
+                help_text += f" [{shown.preset}: {_shown(value)}]"
+            kw = dict(default=None, help=help_text, **extra)
+            elem, nargs = _flag_type(fields[name].type)
+            if elem is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = elem
+                if "choices" not in extra:
+                    kw.setdefault("metavar", METAVARS[elem])
+                if nargs is not None:
+                    kw["nargs"] = nargs
+            group.add_argument("--" + name.replace("_", "-"), **kw)
+
+
+def config_from_args(args: argparse.Namespace, presets: dict, preset_with_data: str):
+    """The preset (args.preset, else 'demo' without --data, else preset_with_data) with every
+    flag that was given applied over it."""
+    preset = args.preset or ("demo" if args.data is None else preset_with_data)
+    cfg = presets[preset]
+    names = {f.name for f in dataclasses.fields(cfg)} - {"preset"}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return cfg.replace(**overrides)
+
+
+# --- train -----------------------------------------------------------------------------------
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
-        help="pre-train a MoCo encoder",
+        help="pre-train an encoder (MoCo v1/v2/v3, SimCLR, memory bank, DrLIM)",
         description=(
-            "Pre-train a MoCo v1/v2 encoder. Without --data, trains the 'demo' preset on the "
-            "embedded procedurally drawn dataset (made once in the cache dir) and reports the "
-            "kNN top-1 of the trained encoder beside the same encoder at random init. "
-            "A preset sets every value below; flags override it."
+            "Pre-train an encoder with MoCo v1/v2/v3 or one of the baselines of --method. "
+            "Without --data, trains the 'demo' preset on the embedded procedurally drawn "
+            "dataset (made once in the cache dir) and reports the kNN top-1 of the trained "
+            "encoder beside the same encoder at random init. A preset sets every value "
+            "below; flags override it. Values in brackets are the mocov2 preset's."
         ),
     )
-    a = p.add_argument
-    a(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="configuration (default: demo without --data, mocov2 with it)",
-    )
-    a("--data", help="ImageFolder root: DIR/train and DIR/val (kNN monitor), or DIR as train set")
-    a(
-        "--arch",
-        help=f"backbone (mocov2: {D.arch}; resnet18, resnet34, resnet50, resnet-tiny; "
-        "vit_small, vit_base with mocov3)",
-    )
-    a(
-        "--small-images",
-        action="store_true",
-        default=None,
-        help="3x3 stem without max-pool, for 32-64 px images",
-    )
-    a("--epochs", type=int, help=f"epochs (mocov2: {D.epochs})")
-    a("--batch-size", type=int, help=f"global batch over all GPUs (mocov2: {D.batch_size})")
-    a(
-        "--lr",
-        type=float,
-        help=f"base learning rate for batch 256, scaled by batch/256 (mocov2: {D.lr})",
-    )
-    a("--schedule", choices=["cosine", "step"], help="cosine (v2) or x0.1 at 120/160 (v1)")
-    a("--warmup-epochs", type=float, help="linear warm-up epochs (default 0)")
-    a("--weight-decay", type=float, help=f"(mocov2: {D.weight_decay})")
-    a("--queue-size", type=int, help=f"K, negatives in the queue (mocov2: {D.queue_size})")
-    a("--moco-m", type=float, help=f"key-encoder momentum m (mocov2: {D.moco_m})")
-    a("--temperature", type=float, help=f"T (mocov1: 0.07, mocov2: {D.temperature})")
-    a(
-        "--method",
-        choices=["moco", "mocov3", "simclr", "membank", "drlim"],
-        help="moco (v1/v2, default), mocov3 (set by --preset mocov3), simclr (end-to-end), "
-        "membank (memory bank, --queue-size negatives), drlim (margin loss on pairs)",
-    )
-    a("--dim", type=int, help=f"output feature dimension (mocov2: {D.dim}, mocov3: 256)")
-    a(
-        "--moco-m-cos",
-        action="store_true",
-        default=None,
-        help="raise the momentum from --moco-m to 1 on a half cosine (mocov3)",
-    )
-    a("--optimizer", choices=["sgd", "lars", "adamw"], help="sgd (v1/v2), lars, adamw (v3 ViT)")
-    a("--bank-m", type=float, help=f"membank: momentum of the stored features ({D.bank_m})")
-    a("--margin", type=float, help=f"drlim: margin of dissimilar pairs ({D.margin})")
-    a(
-        "--frozen-patch-proj",
-        action="store_true",
-        default=None,
-        help="ViT: keep the random patch projection frozen (mocov3-vit)",
-    )
-    a("--mlp-hidden", type=int, help="hidden width of the MLP head; 0 = v1's fc head")
-    a(
-        "--recipe",
-        choices=["v1", "v2", "v3"],
-        help="augmentation: v1, v2 (adds blur), v3 (BYOL's asymmetric pair, solarize)",
-    )
-    a("--crop-size", type=int, help=f"training crop in pixels (mocov2: {D.crop_size})")
-    a("--bn-splits", type=int, help="BN groups per device for shuffle BN (8 simulates 8 GPUs)")
-    a(
-        "--no-shuffle-bn",
-        dest="shuffle_bn",
-        action="store_false",
-        default=None,
-        help="encode keys in batch order (shuffle BN off)",
-    )
-    a(
-        "--gpus",
-        type=int,
-        help="local processes, one per GPU (default 1); under torchrun the environment decides",
-    )
-    a("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when visible")
-    a("--amp", action="store_true", default=None, help="mixed precision (bf16 autocast)")
-    a("--amp-dtype", choices=["bf16", "fp16"], help="fp16 uses a GradScaler, CUDA only")
-    a("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    a("--workers", type=int, help=f"data-loading processes per rank (mocov2: {D.workers})")
-    a(
-        "--loader",
-        choices=["auto", "dali", "torch"],
-        help="input pipeline: DALI (GPU decode + augmentation; CPU mode without CUDA) or the "
-        "torchvision DataLoader (default auto: DALI on CUDA when installed)",
-    )
-    a(
-        "--skip-bad-images",
-        action="store_true",
-        default=None,
-        help="count and skip unreadable images instead of stopping at the first",
-    )
-    a("--knn-every", type=int, help="epochs between kNN evaluations (0: off)")
-    a("--knn-k", type=int, help=f"neighbours of the kNN monitor (mocov2: {D.knn_k})")
-    a("--out", help="run directory (default runs/<preset>-<date-time>)")
-    a("--resume", help="checkpoint file, run directory, or 'auto' (newest run of the preset)")
-    a("--seed", type=int, help="seed of weights, data order, augmentation and shuffle BN")
-    a("--demo-seed", type=int, help="which demo dataset to draw (without --data)")
-    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    add_config_flags(p, TrainConfig, TRAIN_FLAGS, PRESETS["mocov2"])
     return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    preset = args.preset or ("demo" if args.data is None else "mocov2")
-    overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "preset")}
-    return PRESETS[preset].replace(**overrides)
 
 
 def cmd_train(args) -> int:
     from fastmoco.engine.trainer import train
 
-    train(config_from_args(args))
+    train(config_from_args(args, PRESETS, "mocov2"))
     return 0
 
 
-def main(argv=None) -> int:
+# --- knn -------------------------------------------------------------------------------------
+
+
+def _knn_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "knn",
+        help="weighted kNN top-1 of a checkpoint's encoder",
+        description="Weighted kNN of a checkpoint's query backbone: DATA/train is the memory "
+        "bank, DATA/val the queries.",
+    )
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument(
+        "--pretrained",
+        required=True,
+        metavar="FILE",
+        help="checkpoint file: fastmoco checkpoint.pt, official MoCo, torchvision ResNet",
+    )
+    g.add_argument(
+        "--arch", metavar="NAME", help="backbone, for files that do not name one (else inferred)"
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: demo set)"
+    )
+    g.add_argument(
+        "--crop-size", type=int, metavar="N", help="eval crop (default: the checkpoint's, else 224)"
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=256, metavar="N", help="extraction batch [256]"
+    )
+    g.add_argument("--workers", type=int, default=4, metavar="N", help="loader processes [4]")
+    g = p.add_argument_group("kNN (default: the training run's monitor, so the numbers match)")
+    g.add_argument(
+        "--k", type=int, metavar="N", help="neighbours [the checkpoint's knn_k, else 200]"
+    )
+    g.add_argument(
+        "--t", type=float, metavar="X", help="vote temperature [the checkpoint's knn_t, else 0.1]"
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when visible")
+    return p
+
+
+def cmd_knn(args) -> int:
+    from fastmoco.eval.knn_command import knn_command
+
+    top1 = knn_command(
+        args.pretrained,
+        data=args.data,
+        k=args.k,
+        t=args.t,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        arch=args.arch,
+        crop_size=args.crop_size,
+    )
+    print(f"kNN top-1: {top1:.2f}% ({args.pretrained})")
+    return 0
+
+
+# --- lincls ----------------------------------------------------------------------------------
+
+
+def _lincls_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "lincls",
+        help="linear classification on a frozen pre-trained backbone",
+        description=(
+            "Train a linear classifier on the frozen backbone of --pretrained with the MoCo "
+            "protocol, and report top-1/top-5 on DATA/val every epoch. Without --data: the "
+            "'demo' preset on the embedded demo set. A preset sets every value below; flags "
+            "override it. Values in brackets are the official preset's."
+        ),
+    )
+    add_config_flags(p, LinclsConfig, LINCLS_FLAGS, LINCLS_PRESETS["official"])
+    return p
+
+
+def cmd_lincls(args) -> int:
+    from fastmoco.eval.lincls import lincls
+
+    lincls(config_from_args(args, LINCLS_PRESETS, "official"))
+    return 0
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def _export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's query encoder as a torchvision or official MoCo file",
+        description=(
+            "Export the query encoder of a checkpoint (fastmoco, official MoCo or torchvision "
+            "layout). torchvision: the backbone as a ResNet state_dict (fc missing). moco: "
+            "facebookresearch/moco's layout, 'state_dict' with module.encoder_q.* (head as "
+            "fc.*), module.encoder_k.*, module.queue, plus 'arch', 'epoch', 'optimizer'."
+        ),
+    )
+    g = p.add_argument_group("export")
+    g.add_argument("--pretrained", required=True, help="checkpoint file to read")
+    g.add_argument("--format", required=True, choices=FORMATS, dest="fmt", help="layout to write")
+    g.add_argument("--out", required=True, help="file to write")
+    g.add_argument("--arch", help="architecture, for files that do not name one")
+    return p
+
+
+def cmd_export(args) -> int:
+    from fastmoco.engine.checkpoint_io import describe, export_checkpoint
+
+    path, p, note = export_checkpoint(args.pretrained, args.fmt, args.out, args.arch)
+    print(describe(p))
+    print(f"wrote {path} ({args.fmt} layout, {p.arch}): {note}")
+    return 0
+
+
+# --- compare ---------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated integers, e.g. 256,1024"
+        ) from None
+
+
+def _compare_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "compare",
+        help="end-to-end vs memory bank vs MoCo at several K (MoCo Fig. 3, v2 Table 3)",
+        description=(
+            "Pre-train end-to-end (SimCLR), memory bank and MoCo at equal epochs for several "
+            "numbers of negatives K; write compare.png (kNN top-1 vs K), compare.md (time and "
+            "peak memory per step) and compare.json under --out. Without --data: the demo "
+            "preset on the embedded demo set (CPU: 3 epochs, K 256/1024/4096; a few minutes)."
+        ),
+    )
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--data", help="ImageFolder root with train/ and val/ (default: the demo set)")
+    g.add_argument(
+        "--preset", choices=sorted(PRESETS), help="base config (default: demo, mocov2 with --data)"
+    )
+    g.add_argument(
+        "--ks",
+        type=_int_list,
+        help="comma-separated K (default CPU: 256,1024,4096; CUDA: up to 65536)",
+    )
+    g.add_argument("--epochs", type=int, help="epochs per run (default: 3 on the CPU, 20 on CUDA)")
+    g.add_argument("--arch", help="backbone (default: the preset's)")
+    g.add_argument("--batch-size", type=int, help="batch of memory bank and MoCo (the preset's)")
+    g.add_argument("--workers", type=int, help="data-loading processes (default: the preset's)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/compare", help="output directory (runs/compare)")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when visible")
+    g.add_argument("--seed", type=int, default=0, help="seed of every run (0)")
+    g.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
+    )
+    return p
+
+
+def cmd_compare(args) -> int:
+    from fastmoco.experiments.compare import compare
+
+    compare(
+        data=args.data,
+        preset=args.preset,
+        ks=args.ks,
+        epochs=args.epochs,
+        arch=args.arch,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        out=args.out,
+        device=args.device,
+        seed=args.seed,
+        progress=args.progress,
+    )
+    return 0
+
+
+# --- main ------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "train": (_train_parser, cmd_train),
+    "knn": (_knn_parser, cmd_knn),
+    "lincls": (_lincls_parser, cmd_lincls),
+    "export": (_export_parser, cmd_export),
+    "compare": (_compare_parser, cmd_compare),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmoco", description="Fast MoCo (Momentum Contrast) training engine."
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _train_parser(sub)
-    from fastmoco.eval.checkpoint_io import add_export_parser, cmd_export
-    from fastmoco.eval.compare import add_compare_parser, cmd_compare
-    from fastmoco.eval.knn_command import add_knn_parser, cmd_knn
-    from fastmoco.eval.lincls import add_lincls_parser, cmd_lincls
+    for make_parser, _ in COMMANDS.values():
+        make_parser(sub)
+    return parser
 
-    add_knn_parser(sub)
-    add_lincls_parser(sub)
-    add_export_parser(sub)
-    add_compare_parser(sub)
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from fastmoco.engine.trainer import Interrupted
 
     try:
-        commands = {"knn": cmd_knn, "lincls": cmd_lincls, "export": cmd_export}
-        commands["compare"] = cmd_compare
-        return {"train": cmd_train, **commands}[args.cmd](args)
+        return COMMANDS[args.cmd][1](args)
     except UsageError as e:
         print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -8,14 +8,14 @@ from torch import nn
 
 from fastmoco.cli import main
 from fastmoco.config import TrainConfig
-from fastmoco.errors import UsageError
-from fastmoco.eval.checkpoint_io import (
+from fastmoco.engine.checkpoint_io import (
     build_pretrained_backbone,
     detect_layout,
     export_checkpoint,
     infer_arch,
     read_pretrained,
 )
+from fastmoco.errors import UsageError
 from fastmoco.models import MoCo
 
 

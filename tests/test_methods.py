@@ -304,7 +304,7 @@ def test_presets_and_config_errors(tiny_data, tmp_path):
 
 def test_compare_command_writes_plot_and_table(tiny_data, tmp_path, capsys):
     from fastmoco.cli import main
-    from fastmoco.eval.compare import mechanism_config
+    from fastmoco.experiments.compare import mechanism_config
 
     e2e = mechanism_config(TrainConfig(batch_size=256), "end-to-end", 1024)
     assert (e2e.method, e2e.batch_size, 2 * e2e.batch_size - 2) == ("simclr", 513, 1024)

@@ -58,8 +58,6 @@ def test_train_amp_channels_last_and_knn_command(tiny_data, tmp_path, capsys):
             str(tiny_data),
             "--pretrained",
             str(out / "checkpoint.pt"),
-            "--k",
-            "5",
             "--workers",
             "0",
             "--device",
@@ -68,6 +66,7 @@ def test_train_amp_channels_last_and_knn_command(tiny_data, tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert code == 0 and "kNN top-1:" in text
+    assert "k=5, t=0.1" in text  # the run's monitor settings, not InstDisc's k=200
     top1 = float(text.split("kNN top-1:")[1].split("%")[0])
     assert top1 == pytest.approx(res["knn_final"], abs=1e-6)
     code = main(["knn", "--data", str(tiny_data), "--pretrained", str(tiny_data)])

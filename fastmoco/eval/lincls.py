@@ -22,7 +22,6 @@ AMP needs no GradScaler. Each epoch drops the last partial global batch (every r
 the same number of full batches, as in training); the official sampler keeps it.
 """
 
-import argparse
 import dataclasses
 import os
 import time
@@ -39,20 +38,20 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from fastmoco.data import ImageFolderDataset, build_eval_loader, demo_dataset, scan_image_folder
-from fastmoco.data.loader import ShardedBatchSampler, collate_eval
+from fastmoco.data.loader import collate_eval
+from fastmoco.data.sampler import ShardedBatchSampler
 from fastmoco.engine import checkpoint as ckpt
-from fastmoco.engine.distributed import launch, local_device, resolve_device
-from fastmoco.engine.metrics import MetricsLog
-from fastmoco.errors import UsageError
-from fastmoco.ops.distributed import world
-
-from .checkpoint_io import (
+from fastmoco.engine.checkpoint_io import (
     Pretrained,
     build_pretrained_backbone,
     describe,
     image_settings,
     read_pretrained,
 )
+from fastmoco.engine.distributed import launch, local_device, resolve_device
+from fastmoco.engine.metrics import MetricsLog
+from fastmoco.errors import UsageError
+from fastmoco.ops.distributed import world
 
 FC_KEYS = ["fc.weight", "fc.bias"]
 
@@ -399,62 +398,3 @@ class LinearProbe:
         if self.world_size > 1:
             dist.barrier()  # every rank's lincls() reads results.pt next
         return results
-
-
-# --- command line ----------------------------------------------------------------------------
-
-D = PRESETS["official"]
-
-
-def add_lincls_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "lincls",
-        help="linear classification on a frozen pre-trained backbone",
-        description=(
-            "Train a linear classifier on the frozen backbone of --pretrained (a fastmoco "
-            "checkpoint.pt, an official MoCo checkpoint or a torchvision ResNet state_dict) "
-            "with the MoCo protocol, and report top-1/top-5 on DATA/val every epoch. "
-            "Without --data: the 'demo' preset on the embedded demo set. A preset sets "
-            "every value below; flags override it."
-        ),
-    )
-    a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), help="default: demo without --data, official with it")
-    a("--pretrained", required=True, help="checkpoint file (any supported layout)")
-    a("--data", help="ImageFolder root with train/ and val/ (default: the demo set)")
-    a("--arch", help="backbone, for files that do not name one (read off the keys if absent)")
-    a("--epochs", type=int, help=f"(official: {D.epochs})")
-    a("--batch-size", type=int, help=f"global batch over all GPUs (official: {D.batch_size})")
-    a("--lr", type=float, help=f"SGD learning rate, not scaled by batch (official: {D.lr})")
-    a(
-        "--lr-steps",
-        type=int,
-        nargs="+",
-        help="epochs where the lr drops x0.1 (official: 60 80)",
-    )
-    a("--weight-decay", type=float, help=f"(official: {D.weight_decay})")
-    a("--crop-size", type=int, help=f"train and val crop (official: {D.crop_size})")
-    a("--gpus", type=int, help="local processes, one per GPU; under torchrun the env decides")
-    a("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when visible")
-    a("--amp", action="store_true", default=None, help="backbone under autocast (bf16)")
-    a("--amp-dtype", choices=["bf16", "fp16"], help="fp16: CUDA only")
-    a("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    a("--workers", type=int, help=f"data-loading processes per rank (official: {D.workers})")
-    a("--out", help="run directory (default runs/lincls-<preset>-<date-time>)")
-    a("--resume", help="checkpoint file, run directory, or 'auto' (newest lincls run)")
-    a("--seed", type=int, help="seed of fc's init, data order and augmentation")
-    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> LinclsConfig:
-    preset = args.preset or ("demo" if args.data is None else "official")
-    overrides = {k: v for k, v in vars(args).items() if k not in ("cmd", "preset")}
-    if overrides.get("lr_steps") is not None:
-        overrides["lr_steps"] = tuple(overrides["lr_steps"])
-    return PRESETS[preset].replace(**overrides)
-
-
-def cmd_lincls(args) -> int:
-    lincls(config_from_args(args))
-    return 0

@@ -19,7 +19,6 @@ rule (base lr x batch/256, cosine), epochs. End-to-end at large K means a large 
 therefore few steps per epoch: the constraint MoCo was designed to remove.
 """
 
-import argparse
 import json
 import statistics
 import time
@@ -181,60 +180,47 @@ def plot_accuracy_vs_k(rows: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def add_compare_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "compare",
-        help="end-to-end vs memory bank vs MoCo at several K (MoCo Fig. 3, v2 Table 3)",
-        description=(
-            "Pre-train end-to-end (SimCLR), memory bank and MoCo at equal epochs for several "
-            "numbers of negatives K; write compare.png (kNN top-1 vs K), compare.md (time and "
-            "peak memory per step) and compare.json under --out. Without --data: the demo "
-            "preset on the embedded demo set (CPU: 3 epochs, K 256/1024/4096; a few minutes)."
-        ),
-    )
-    a = p.add_argument
-    a("--data", help="ImageFolder root with train/ and val/ (default: the demo set)")
-    a("--preset", choices=sorted(PRESETS), help="base config (default: demo, mocov2 with --data)")
-    a("--ks", help="comma-separated K (default CPU: 256,1024,4096; CUDA: up to 65536)")
-    a("--epochs", type=int, help="epochs per run (default: 3 on the CPU, 20 on CUDA)")
-    a("--arch", help="backbone (default: the preset's)")
-    a("--batch-size", type=int, help="batch of memory bank and MoCo (default: the preset's)")
-    a("--workers", type=int, help="data-loading processes (default: the preset's)")
-    a("--out", default="runs/compare", help="output directory (default runs/compare)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    a("--seed", type=int, default=0)
-    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return p
-
-
-def cmd_compare(args) -> int:
+def compare(
+    *,
+    data=None,
+    preset=None,
+    ks=None,
+    epochs=None,
+    arch=None,
+    batch_size=None,
+    workers=None,
+    out="runs/compare",
+    device="auto",
+    seed=0,
+    progress=True,
+) -> list[dict]:
+    """`fastmoco compare`: train every mechanism at every K, write compare.{md,png,json} under
+    out and return the rows. None means the preset's value (preset: demo without data, else
+    mocov2; epochs: 3 on the CPU, 20 on CUDA; ks: CPU_KS or GPU_KS)."""
     from fastmoco.data import scan_image_folder
     from fastmoco.engine.trainer import data_roots
 
-    cuda = args.device != "cpu" and torch.cuda.is_available()
-    preset = args.preset or ("demo" if args.data is None else "mocov2")
-    epochs = args.epochs or (20 if cuda else 3)
-    try:
-        ks = [int(k) for k in args.ks.split(",")] if args.ks else list(GPU_KS if cuda else CPU_KS)
-    except ValueError:
-        raise UsageError(f"--ks {args.ks!r}: comma-separated integers, e.g. 256,1024") from None
+    cuda = device != "cpu" and torch.cuda.is_available()
+    preset = preset or ("demo" if data is None else "mocov2")
+    epochs = epochs or (20 if cuda else 3)
+    ks = list(ks) if ks else list(GPU_KS if cuda else CPU_KS)
     base = PRESETS[preset].replace(
-        data=args.data,
+        data=data,
         epochs=epochs,
         knn_every=epochs,  # kNN at random init and after the last epoch only
-        arch=args.arch,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        seed=args.seed,
-        progress=args.progress,
+        arch=arch,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        seed=seed,
+        progress=progress,
         loader="torch",  # the memory bank needs the torch sampler's indices; same for all
     )
     train_root, val_root = data_roots(base)
     if val_root is None:
-        raise UsageError(f"--data {args.data}: compare needs a val/ split for the kNN accuracy")
+        raise UsageError(f"--data {data}: compare needs a val/ split for the kNN accuracy")
     num_samples = len(scan_image_folder(train_root)[0])
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run_comparison(base, ks, out, num_samples=num_samples)
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
@@ -243,4 +229,4 @@ def cmd_compare(args) -> int:
     plot_accuracy_vs_k(rows, out / "compare.png", f"{base.arch}, {epochs} epochs, {preset} data")
     print(table)
     print(f"written: {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")
-    return 0
+    return rows

@@ -21,7 +21,6 @@ else from the keys themselves (block counts per stage, bottleneck or basic block
 small-image stem (3x3 conv1, no max-pool) is read off conv1's kernel.
 """
 
-import argparse
 import os
 import re
 from collections.abc import Mapping
@@ -376,28 +375,3 @@ def export_checkpoint(
     build_pretrained_backbone(p)  # refuse to export weights that would not load back
     obj = to_torchvision(p) if fmt == "torchvision" else to_moco(p)
     return save_atomic(obj, out), p, compatibility_note(p, fmt)
-
-
-def add_export_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "export",
-        help="write a checkpoint's query encoder as a torchvision or official MoCo file",
-        description=(
-            "Export the query encoder of a checkpoint (fastmoco, official MoCo or torchvision "
-            "layout). torchvision: the backbone as a ResNet state_dict (fc missing). moco: "
-            "facebookresearch/moco's layout, 'state_dict' with module.encoder_q.* (head as "
-            "fc.*), module.encoder_k.*, module.queue, plus 'arch', 'epoch', 'optimizer'."
-        ),
-    )
-    p.add_argument("--pretrained", required=True, help="checkpoint file to read")
-    p.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
-    p.add_argument("--out", required=True, help="file to write")
-    p.add_argument("--arch", help="architecture, for files that do not name one")
-    return p
-
-
-def cmd_export(args) -> int:
-    path, p, note = export_checkpoint(args.pretrained, args.fmt, args.out, args.arch)
-    print(describe(p))
-    print(f"wrote {path} ({args.fmt} layout, {p.arch}): {note}")
-    return 0

@@ -1,0 +1,118 @@
+"""The command line: one parser module, every config field a flag, one config_from_args."""
+
+import dataclasses
+
+import pytest
+
+from fastmoco import cli
+from fastmoco.config import PRESETS, TrainConfig
+from fastmoco.eval.lincls import PRESETS as LINCLS_PRESETS
+from fastmoco.eval.lincls import LinclsConfig
+
+
+def _other_value(field: dataclasses.Field, current):
+    """A command-line value for `field` that differs from `current`, and the config value
+    it must become."""
+    if isinstance(current, bool):
+        return ([f"--{'no-' if current else ''}{field.name.replace('_', '-')}"], not current)
+    flag = "--" + field.name.replace("_", "-")
+    if isinstance(current, tuple):
+        new = tuple(type(v)(v + 1) if not isinstance(v, str) else v for v in current)
+        return ([flag, *map(str, new)], new)
+    if isinstance(current, int):
+        return ([flag, str(current + 3)], current + 3)
+    if isinstance(current, float):
+        return ([flag, str(current * 0.5 + 0.125)], current * 0.5 + 0.125)
+    choices = {
+        "preset": "mocov1",
+        "method": "simclr",
+        "recipe": "v3",
+        "loader": "torch",
+        "optimizer": "lars",
+        "schedule": "step",
+        "amp_dtype": "fp16",
+        "device": "cpu",
+    }
+    new = choices.get(field.name, "some/path")
+    return ([flag, new], new)
+
+
+@pytest.mark.parametrize(
+    "command, cls, presets, groups, shown",
+    [
+        ("train", TrainConfig, PRESETS, cli.TRAIN_FLAGS, "mocov2"),
+        ("lincls", LinclsConfig, LINCLS_PRESETS, cli.LINCLS_FLAGS, "official"),
+    ],
+)
+def test_every_field_has_a_flag_that_sets_it(command, cls, presets, groups, shown):
+    """Each field's flag, given alone, changes exactly that field of the preset; every field
+    is documented in a named group (none falls into 'other')."""
+    listed = {name for flags in groups.values() for name in flags}
+    names = [f.name for f in dataclasses.fields(cls)]
+    assert set(names) == listed, set(names) ^ listed
+    parser = cli.build_parser()
+    given = {"data": "d"} | ({"pretrained": "p.pt"} if command == "lincls" else {})
+    base_args = [a for k, v in given.items() for a in (f"--{k}", v)]
+    base = cli.config_from_args(parser.parse_args([command, *base_args]), presets, shown)
+    assert base == presets[shown].replace(**given)
+    for f in dataclasses.fields(cls):
+        if f.name in ("preset", "data", "pretrained"):
+            continue
+        current = getattr(base, f.name)
+        if current is None:  # optional fields: a value of the annotated type
+            current = {"arch": "", "out": "", "resume": ""}.get(f.name, current)
+            if current is None:
+                elem, nargs = cli._flag_type(f.type)
+                current = tuple(elem(0) for _ in range(nargs)) if nargs else elem(0)
+        argv, want = _other_value(f, current)
+        cfg = cli.config_from_args(parser.parse_args([command, *base_args, *argv]), presets, shown)
+        changed = {
+            g.name for g in dataclasses.fields(cls) if getattr(cfg, g.name) != getattr(base, g.name)
+        }
+        assert changed == {f.name} and getattr(cfg, f.name) == want, (f.name, argv)
+
+
+def test_preset_then_flags_move_lr_steps():
+    """`--preset mocov1 --epochs 100 --lr-steps 60 80`: the v1 step schedule moves with the
+    shorter run (the flag did not exist before)."""
+    args = cli.build_parser().parse_args(
+        ["train", "--preset", "mocov1", "--epochs", "100", "--lr-steps", "60", "80"]
+    )
+    cfg = cli.config_from_args(args, PRESETS, "mocov2")
+    assert (cfg.preset, cfg.schedule, cfg.epochs, cfg.lr_steps) == ("mocov1", "step", 100, (60, 80))
+    assert cfg.temperature == PRESETS["mocov1"].temperature
+
+
+@pytest.mark.parametrize("command", ["train", "knn", "lincls", "export", "compare"])
+def test_help_pages_quote_no_none_defaults(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "default: None" not in text and "None]" not in text
+    if command == "knn":
+        assert "neighbours" in text and "vote temperature" in text
+
+
+def test_train_help_is_current(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "v1/v2 encoder" not in text and "MoCo v1/v2/v3" in text
+    assert "lr x batch-size / 256" in text  # the learning-rate rule is stated
+
+
+def test_no_parser_outside_cli():
+    """One command-line module: no other fastmoco module builds an argparse parser (the demo
+    generator's own `python -m fastmoco.data.demo` aside)."""
+    from pathlib import Path
+
+    import fastmoco
+
+    root = Path(fastmoco.__file__).parent
+    builders = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if "add_parser(" in p.read_text() or "config_from_args" in p.read_text()
+    ]
+    assert builders == ["cli.py"], builders
