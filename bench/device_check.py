@@ -627,12 +627,14 @@ def _fmt_time(seconds) -> str:
 
 
 def markdown(res: Results, info: dict, wall: float) -> str:
+    since = os.environ.get("DEVICE_CHECK_START")  # set by device_check.sh
     lines = [
         f"Device check on {info.get('device')}, {info.get('mode')}: torch {info.get('torch')}, "
         f"CUDA {info.get('cuda')}, Triton {info.get('triton')}, Python {info.get('python')}, "
         f"commit {info.get('commit')}; install: {info.get('install')}; extension "
         f"{info.get('extension')}; FASTMOCO_PIN_TILES={info.get('pin_tiles')}; "
-        f"{sum(compiled_variants().values())} Triton variants compiled; wall {wall:.0f} s.",
+        f"{sum(compiled_variants().values())} Triton variants compiled; wall {wall:.0f} s"
+        + (f" ({time.time() - float(since):.0f} s with the install)." if since else "."),
         "",
         "| check | quantity | rel. error | tol | result |",
         "|---|---|---|---|---|",

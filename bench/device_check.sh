@@ -22,6 +22,7 @@ export PYTHONUNBUFFERED=1
 # One tile per kernel: about 15 Triton variants to compile instead of ~100 autotuned ones.
 export FASTMOCO_PIN_TILES=${FASTMOCO_PIN_TILES:-1}
 start=$SECONDS
+export DEVICE_CHECK_START=${DEVICE_CHECK_START:-$(date +%s)}  # the table's total wall time
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
@@ -54,6 +55,6 @@ fi
 timeout "${CHECK_TIMEOUT:-300}" python3 bench/device_check.py --out "$OUT" \
     --install "$install" "$@" 2>&1 | tee "$OUT/check.log"
 status=${PIPESTATUS[0]}
+# Nothing more is printed on success: the table stays the last thing in the output.
 [ "$status" -eq 124 ] && echo "device_check.py ran past ${CHECK_TIMEOUT:-300} s: see $OUT/results.jsonl"
-echo "device check: exit $status, $((SECONDS - start)) s in all"
 exit "$status"
