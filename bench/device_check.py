@@ -636,7 +636,10 @@ def markdown(res: Results, info: dict, wall: float) -> str:
         f"{sum(compiled_variants().values())} Triton variants compiled; wall {wall:.0f} s"
         + (f" ({time.time() - float(since):.0f} s with the install)." if since else "."),
         "",
-        "| check | quantity | rel. error | tol | result |",
+        "error: ||out - ref|| / ||ref|| against float64; for rank the share of rows whose rank "
+        "differs; for enqueue the number of elements (and pointer) that differ.",
+        "",
+        "| check | quantity | error | tol | result |",
         "|---|---|---|---|---|",
     ]
     for r in res.rows:

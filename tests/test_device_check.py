@@ -159,7 +159,7 @@ def test_device_check_runs_end_to_end_on_cpu(tmp_path):
     # The table is printed last and saved, identical, for bench/RESULTS.md.
     table = (out / "results.md").read_text()
     assert done.stdout.rstrip().endswith(table.rstrip())
-    assert "| check | quantity | rel. error | tol | result |" in table
+    assert "| check | quantity | error | tol | result |" in table
 
 
 def test_device_check_fails_on_a_gradient_off_by_one_percent(tmp_path):
