@@ -1,12 +1,18 @@
-"""The fused InfoNCE kernels (kernels/info_nce.py) as torch.library custom ops.
+"""The fused InfoNCE kernels (kernels/info_nce.py) as a differentiable op.
 
-Registered ops, so that torch.compile treats them as opaque calls (no graph break, a fake
-implementation gives the output shapes) and a CUDA graph can capture them (no host sync
-inside: the splits are merged with device ops):
+Two wrappers over the same kernels and the same backward:
+
+  eager        _FusedInfoNCE, a plain autograd.Function: the least host time per call
+               (at N = 256 the GPU work is tens of microseconds, so in eager use the Python
+               around the launches decides the speed; the dispatcher of a custom op adds
+               about as much as everything else together)
+  torch.compile the custom ops below, which the compiler treats as opaque calls (no graph
+               break; a fake implementation gives the output shapes):
 
     fastmoco::info_nce_fwd(q, pos, stream, ...) -> (rows, lse, rank, dq_unit)
     fastmoco::info_nce_bwd(grad_rows, q, pos, stream, lse, rows, ...) -> (dq, dpos, dstream)
 
+Both capture in a CUDA graph (no host sync inside: the splits are merged on the device).
 One pair covers the three modes through `excl_self` and `shift` (see the kernel file):
 queue (pos = k, stream = queue), in-batch (pos = k, stream = k, excl_self) and NT-Xent
 (pos = the paired views, stream = z, excl_self and shift = N). Gradients not asked for come
@@ -21,9 +27,94 @@ read once per step instead of twice.
 import torch
 
 from fastmoco.kernels import info_nce as kernels
-from fastmoco.ops.info_nce import _unit_rows_backward
+from fastmoco.ops._common import reduce_rows, unit_rows, unit_rows_backward
 
 _LIB = "fastmoco"
+_NOT_FUSED = (
+    "info_nce: the single-pass backward only gives dq; call the op with k and the queue "
+    "requiring grad at forward time to get their gradients"
+)
+
+
+def _forward(
+    q, pos, stream, temperature, normalize, normalize_stream, excl_self, shift, fuse_dq,
+    dq_scale=1.0,
+):  # fmt: skip
+    return kernels.forward(
+        q, pos, stream, 1.0 / temperature, norm_qp=normalize, norm_s=normalize_stream,
+        excl_self=excl_self, shift=shift, fuse_dq=fuse_dq, dq_scale=dq_scale,
+    )  # fmt: skip
+
+
+def _backward_impl(grad_rows, q, pos, stream, lse, rows, args, need_q, need_pos, need_stream):
+    """(dq, dpos, dstream), None where not needed, by recomputing the logits."""
+    temperature, normalize, normalize_stream, excl_self, shift = args
+    inv_T = 1.0 / temperature
+    modes = dict(norm_qp=normalize, norm_s=normalize_stream, excl_self=excl_self, shift=shift)
+    g = grad_rows.float().contiguous()
+    dq = dpos = dstream = None
+    if need_q or need_pos:
+        q_hat, q_norm = unit_rows(q, torch.float32, normalize)
+        p_hat, p_norm = unit_rows(pos, torch.float32, normalize)
+        # The positive: dL_i/ds_i+ = p_i+ - 1, with s_i+ = lse_i - L_i.
+        w_pos = (torch.exp(-rows) - 1.0) * g * inv_T  # N
+        if need_q:
+            stream_part = kernels.backward_dq(q, stream, lse, inv_T, **modes)
+            d_qhat = (g * inv_T)[:, None] * stream_part + w_pos[:, None] * p_hat
+            dq = unit_rows_backward(d_qhat, q_hat, q_norm).to(q.dtype)
+        if need_pos:
+            dpos = unit_rows_backward(w_pos[:, None] * q_hat, p_hat, p_norm).to(pos.dtype)
+    if need_stream:
+        dstream = kernels.backward_dstream(q, stream, lse, g, inv_T, **modes)
+    return dq, dpos, dstream
+
+
+def _fused_dq(grad_rows, dq_unit, dtype):
+    return (grad_rows.to(torch.float32)[:, None] * dq_unit).to(dtype)
+
+
+class _FusedInfoNCE(torch.autograd.Function):
+    """The eager wrapper, reduction included (one autograd node per call, not two):
+    outputs (loss: () or (N,) fp32, rank (N,) int64)."""
+
+    @staticmethod
+    def forward(ctx, q, pos, stream, args, fuse_dq, reduction):
+        # the mean's 1/N goes into dq_unit: backward is then one multiplication
+        dq_scale = 1.0 / q.shape[0] if reduction == "mean" else 1.0
+        rows, lse, rank, dq_unit = _forward(q, pos, stream, *args, fuse_dq, dq_scale)
+        ctx.fused, ctx.args, ctx.q_dtype, ctx.reduction = fuse_dq, args, q.dtype, reduction
+        if fuse_dq:  # backward needs nothing else: the stream need not be kept
+            ctx.save_for_backward(dq_unit)
+        else:
+            ctx.save_for_backward(q, pos, stream, lse, rows)
+        ctx.mark_non_differentiable(rank)
+        return reduce_rows(rows, reduction), rank
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_rank):
+        need_q, need_pos, need_stream = ctx.needs_input_grad[:3]
+        if ctx.fused:
+            if need_pos or need_stream:
+                raise RuntimeError(_NOT_FUSED)
+            (dq_unit,) = ctx.saved_tensors
+            if ctx.reduction == "none":
+                dq = _fused_dq(grad_loss, dq_unit, ctx.q_dtype)
+            else:  # a scalar times dq_unit (1/N already in for the mean)
+                dq = (dq_unit * grad_loss.to(torch.float32)).to(ctx.q_dtype)
+            return dq, None, None, None, None, None
+        q, pos, stream, lse, rows = ctx.saved_tensors
+        grad_rows = grad_loss
+        if ctx.reduction != "none":  # d loss / d L_i: 1/N for the mean, 1 for the sum
+            grad_rows = grad_loss.expand(rows.shape[0])
+            if ctx.reduction == "mean":
+                grad_rows = grad_rows / rows.shape[0]
+        grads = _backward_impl(
+            grad_rows, q, pos, stream, lse, rows, ctx.args, need_q, need_pos, need_stream
+        )
+        return (*grads, None, None, None)
+
+
+# ------------------------------------------------------------ the custom ops (torch.compile)
 
 
 @torch.library.custom_op(f"{_LIB}::info_nce_fwd", mutates_args=())
@@ -38,8 +129,8 @@ def info_nce_fwd(
     shift: int,
     fuse_dq: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernels.forward(
-        q, pos, stream, 1.0 / temperature, normalize, normalize_stream, excl_self, shift, fuse_dq
+    return _forward(
+        q, pos, stream, temperature, normalize, normalize_stream, excl_self, shift, fuse_dq
     )
 
 
@@ -68,30 +159,12 @@ def info_nce_bwd(
     need_pos: bool,
     need_stream: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    inv_T = 1.0 / temperature
-    g = grad_rows.float().contiguous()
-    dq, dpos, dstream = (q.new_empty(0) for _ in range(3))  # distinct: outputs may not alias
-    if need_q or need_pos:
-        q32, pos32 = q.float(), pos.float()
-        q_norm = q32.norm(dim=1, keepdim=True) if normalize else None
-        p_norm = pos32.norm(dim=1, keepdim=True) if normalize else None
-        q_hat = q32 / q_norm.clamp_min(1e-12) if normalize else q32
-        p_hat = pos32 / p_norm.clamp_min(1e-12) if normalize else pos32
-        # The positive: dL_i/ds_i+ = p_i+ - 1, with s_i+ = lse_i - L_i.
-        w_pos = (torch.exp(-rows) - 1.0) * g * inv_T  # N
-        if need_q:
-            stream_part = kernels.backward_dq(
-                q, stream, lse, inv_T, normalize, normalize_stream, excl_self, shift
-            )
-            d_qhat = (g * inv_T)[:, None] * stream_part + w_pos[:, None] * p_hat
-            dq = _unit_rows_backward(d_qhat, q_hat, q_norm).to(q.dtype)
-        if need_pos:
-            dpos = _unit_rows_backward(w_pos[:, None] * q_hat, p_hat, p_norm).to(pos.dtype)
-    if need_stream:
-        dstream = kernels.backward_dstream(
-            q, stream, lse, g, inv_T, normalize, normalize_stream, excl_self, shift
-        )
-    return dq, dpos, dstream
+    args = (temperature, normalize, normalize_stream, excl_self, shift)
+    grads = _backward_impl(
+        grad_rows, q, pos, stream, lse, rows, args, need_q, need_pos, need_stream
+    )
+    # distinct empty tensors for the gradients not asked for: outputs may not alias
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @info_nce_bwd.register_fake
@@ -111,7 +184,7 @@ def _setup_context(ctx, inputs, output):
     rows, lse, rank, dq_unit = output
     ctx.fused = fuse_dq
     ctx.q_dtype = q.dtype
-    if fuse_dq:  # backward needs nothing else: the stream need not be kept
+    if fuse_dq:
         ctx.save_for_backward(dq_unit)
     else:
         ctx.save_for_backward(q, pos, stream, lse, rows)
@@ -122,14 +195,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_rows, _grad_lse, _grad_rank, _grad_dq_unit):
     need_q, need_pos, need_stream = ctx.needs_input_grad[:3]
     if ctx.fused:
-        (dq_unit,) = ctx.saved_tensors
         if need_pos or need_stream:
-            raise RuntimeError(
-                "info_nce: the single-pass backward only gives dq; call the op with k and "
-                "the queue requiring grad at forward time to get their gradients"
-            )
-        dq = (grad_rows.float()[:, None] * dq_unit).to(ctx.q_dtype)
-        return (dq, None, None) + (None,) * 6
+            raise RuntimeError(_NOT_FUSED)
+        return (_fused_dq(grad_rows, ctx.saved_tensors[0], ctx.q_dtype),) + (None,) * 8
     q, pos, stream, lse, rows = ctx.saved_tensors
     dq, dpos, dstream = info_nce_bwd(
         grad_rows, q, pos, stream, lse, rows, *ctx.args, need_q, need_pos, need_stream
@@ -144,15 +212,19 @@ def _backward(ctx, grad_rows, _grad_lse, _grad_rank, _grad_dq_unit):
 info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_rows(q, pos, stream, temperature, normalize, normalize_stream, excl_self, shift=-1):
-    """Per-row losses (N,) fp32 and ranks (N,) int64 from the fused kernels."""
+def fused_loss(
+    q, pos, stream, temperature, *, normalize, normalize_stream, excl_self, shift=-1,
+    reduction="mean",
+):  # fmt: skip
+    """The loss (reduced as asked, fp32) and ranks (N,) int64 from the fused kernels."""
     fuse_dq = (
-        torch.is_grad_enabled()
-        and q.requires_grad
+        q.requires_grad
         and not pos.requires_grad
         and not stream.requires_grad
+        and torch.is_grad_enabled()
     )
-    rows, _lse, rank, _dq_unit = info_nce_fwd(
-        q, pos, stream, float(temperature), normalize, normalize_stream, excl_self, shift, fuse_dq
-    )
-    return rows, rank
+    args = (float(temperature), normalize, normalize_stream, excl_self, shift)
+    if torch.compiler.is_compiling():
+        rows, _lse, rank, _dq_unit = info_nce_fwd(q, pos, stream, *args, fuse_dq)
+        return reduce_rows(rows, reduction), rank
+    return _FusedInfoNCE.apply(q, pos, stream, args, fuse_dq, reduction)

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from fastmoco.ops._backend import select_backend
+from fastmoco.ops._common import select_backend
 
 _BACKENDS = ("torch", "cuda")
 

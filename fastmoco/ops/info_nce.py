@@ -42,21 +42,27 @@ Inputs may be non-contiguous: the queue in particular may be `buf.T` of the offi
 (C, K) buffer, and is read chunk by chunk through its strides, never copied whole.
 """
 
-import contextlib
-import math
-import warnings
+import os
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastmoco.ops._backend import select_backend
+from fastmoco.ops._common import (
+    KernelFallback,
+    accumulation_dtype,
+    autocast_off,
+    check_pair_inputs,
+    reduce_rows,
+    select_backend,
+    unit_rows,
+    unit_rows_backward,
+)
 
 _BACKENDS = ("torch", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_C = 1024
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_REDUCTIONS = ("mean", "sum", "none")
-_NORM_EPS = 1e-12  # F.normalize's default
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: Triton does the same
+FALLBACK = KernelFallback("InfoNCE")  # shared with nt_xent: the same kernels
 
 
 def info_nce(
@@ -73,104 +79,47 @@ def info_nce(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE loss of queries q (N, C) against keys k (N, C) and negatives queue (K, C).
 
-    queue=None uses the other keys of the batch as negatives (labels arange(N)).
+    queue=None uses the other keys of the batch as negatives (labels arange(N)). An empty
+    queue (K = 0) is valid: each row's loss is then that of its positive alone, 0.
     Returns the loss (fp32, fp64 for fp64 inputs; scalar or (N,) for reduction="none"),
     and with return_stats=True also rank (N,) int64: how many negatives score strictly
     above the positive. backend: None picks per device, "torch" forces the chunked
-    PyTorch path. chunk_size: negatives per streamed chunk (memory N x chunk_size).
+    PyTorch path, "triton" the fused kernels (errors raise). chunk_size: negatives per
+    streamed chunk of the PyTorch path (memory N x chunk_size).
     """
-    _check_inputs(q, k, queue, temperature, reduction, chunk_size)
-    rows = None
+    check_pair_inputs(q, k, queue, temperature, reduction)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (e.g. 4096), got {chunk_size!r}")
     if use_triton(backend, q, k, queue):
         try:
-            rows, rank = _triton_rows(q, k, queue, float(temperature), normalize)
-        except Exception as err:
-            fall_back_or_raise(backend, err)
-    if rows is None:
-        rows, rank = _InfoNCETorch.apply(
-            q, k, queue, float(temperature), normalize, chunk_size, return_stats
-        )
+            loss, rank = triton_loss(
+                q, k, queue, float(temperature), normalize=normalize, reduction=reduction
+            )
+            return (loss, rank) if return_stats else loss
+        except Exception as err:  # noqa: BLE001 - FALLBACK re-raises all but kernel failures
+            FALLBACK.handle(backend, kernel_kind(q, k, queue), err)
+    rows, rank = _InfoNCETorch.apply(
+        q, k, queue, float(temperature), normalize, chunk_size, return_stats
+    )
     loss = reduce_rows(rows, reduction)
     return (loss, rank) if return_stats else loss
 
 
-def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The per-row losses reduced as asked: "mean", "sum" or "none"."""
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
-
-
-def _check_inputs(q, k, queue, temperature, reduction, chunk_size) -> None:
-    named = [("q", q), ("k", k)] + ([] if queue is None else [("queue", queue)])
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            layout = "(K, C), one key per row (for the official (C, K) buffer pass buf.T)"
-            want = layout if name == "queue" else "(N, C)"
-            raise ValueError(
-                f"{name} must be 2-D {want}, got shape {tuple(t.shape)}; reshape it to {want}"
-            )
-        if t.dtype not in _DTYPES:
-            raise ValueError(
-                f"{name} has dtype {t.dtype}; info_nce takes float16, bfloat16, float32 or "
-                f"float64: cast it, e.g. {name}.float()"
-            )
-        if t.device != q.device:
-            raise ValueError(
-                f"{name} is on {t.device} but q is on {q.device}: move all inputs to one device"
-            )
-    N, C = q.shape
-    if k.shape != q.shape:
-        raise ValueError(
-            f"k must have q's shape (N, C) = {tuple(q.shape)}, got {tuple(k.shape)}: "
-            "pass one key per query"
-        )
-    if N == 0 or C == 0:
-        raise ValueError(f"q is empty (shape {tuple(q.shape)}): pass at least one query of C >= 1")
-    if queue is not None and queue.shape[1] != C:
-        raise ValueError(
-            f"queue must be (K, C) with C = {C} like q, got shape {tuple(queue.shape)}; "
-            "for the official (C, K) buffer pass buf.T"
-        )
-    bad_type = isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-    if bad_type or not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"temperature must be a positive finite Python float (e.g. 0.2), got {temperature!r}"
-        )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (e.g. 4096), got {chunk_size!r}")
-
-
-_TRITON_FAILED: list[str] = []  # set once the kernels failed on this machine
+def kernel_kind(*tensors) -> tuple:
+    """What a kernel failure is remembered for: device, dtypes and feature width."""
+    named = [t for t in tensors if t is not None]
+    return (str(named[0].device), *(str(t.dtype) for t in named), named[0].shape[1])
 
 
 def use_triton(backend, *tensors) -> bool:
     """Whether a call runs the fused kernels: backend="triton", or backend=None on CUDA
     tensors the kernels take (fp64 and very wide features go to the PyTorch path), unless
-    they already failed to compile or launch here."""
+    the kernels already failed to compile or launch here for this kind of input."""
     if select_backend(backend, _BACKENDS, tensors[0].device) != "triton":
         return False
-    return backend is not None or (_triton_takes(*tensors) and not _TRITON_FAILED)
-
-
-def fall_back_or_raise(backend, err: Exception) -> None:
-    """With backend=None a kernel failure (an unsupported GPU, a Triton too old) is a
-    warning and the PyTorch path serves this and every later call; bad input is raised."""
-    if backend is not None or isinstance(err, ValueError):
-        raise err
-    _TRITON_FAILED.append(repr(err))
-    warnings.warn(
-        f"fastmoco: the Triton InfoNCE kernels failed on this machine ({err!r}); the PyTorch "
-        "path is used from now on. Call with backend='triton' to see the full error.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    if backend is not None:
+        return True
+    return _triton_takes(*tensors) and FALLBACK.usable(kernel_kind(*tensors))
 
 
 def _triton_takes(*tensors) -> bool:
@@ -178,62 +127,31 @@ def _triton_takes(*tensors) -> bool:
     return all(t.dtype in _TRITON_DTYPES for t in named) and named[0].shape[1] <= _TRITON_MAX_C
 
 
-def _triton_rows(q, k, queue, temperature, normalize, nt_xent=False):
-    """Per-row losses and ranks from the fused kernels (queue, in-batch or NT-Xent mode)."""
+def triton_loss(q, k, queue, temperature, *, normalize, reduction, nt_xent=False):
+    """The reduced loss and ranks from the fused kernels (queue, in-batch or NT-Xent mode)."""
     if not _triton_takes(q, k, queue):
         raise ValueError(
             f"backend='triton' takes float16/bfloat16/float32 inputs with C <= {_TRITON_MAX_C}; "
             "cast the inputs or use backend='torch'"
         )
-    import os
-
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not _INTERPRET and q.device.type != "cuda":
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {q.device}); on a CPU run it under "
             "Triton's interpreter: set TRITON_INTERPRET=1 before anything imports triton"
         )
-    from fastmoco.ops._info_nce_fused import fused_rows
+    from fastmoco.ops._info_nce_fused import fused_loss  # imports Triton: only when used
 
+    modes = dict(normalize=normalize, reduction=reduction)
     if nt_xent:  # q holds the 2N views; the positive of row i is row (i + N) mod 2N
         half = q.shape[0] // 2
         pairs = torch.cat([q[half:], q[:half]])
-        return fused_rows(q, pairs, q, temperature, normalize, normalize, True, half)
+        return fused_loss(
+            q, pairs, q, temperature, normalize_stream=normalize, excl_self=True, shift=half,
+            **modes,
+        )  # fmt: skip
     if queue is None:
-        return fused_rows(q, k, k, temperature, normalize, normalize, True)
-    return fused_rows(q, k, queue, temperature, normalize, False, False)
-
-
-def _accumulation_dtype(*tensors) -> torch.dtype:
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
-
-
-def _autocast_off(device_type: str):
-    """Inside the op every matmul must run in the accumulation dtype, whatever the caller's
-    autocast says (autocast would otherwise run them in bf16/fp16)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _unit_rows(x: torch.Tensor, dtype: torch.dtype, normalize: bool):
-    """(x / max(||x||, eps), ||x||) per row in `dtype`; (x, None) when not normalizing."""
-    x = x.to(dtype)
-    if not normalize:
-        return x, None
-    norm = x.norm(dim=1, keepdim=True)
-    return x / norm.clamp_min(_NORM_EPS), norm
-
-
-def _unit_rows_backward(d_unit: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor | None):
-    """Gradient through x -> x / max(||x||, eps): project out the radial part, divide by
-    the norm; rows whose norm was clamped to eps are a plain division by eps."""
-    if norm is None:
-        return d_unit
-    radial = (unit * d_unit).sum(dim=1, keepdim=True)
-    radial = torch.where(norm > _NORM_EPS, radial, torch.zeros_like(radial))
-    return (d_unit - unit * radial) / norm.clamp_min(_NORM_EPS)
+        return fused_loss(q, k, k, temperature, normalize_stream=normalize, excl_self=True, **modes)
+    return fused_loss(q, k, queue, temperature, normalize_stream=False, excl_self=False, **modes)
 
 
 def _chunks(length: int, chunk_size: int):
@@ -252,11 +170,11 @@ class _InfoNCETorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, queue, temperature, normalize, chunk_size, want_rank):
-        dtype = _accumulation_dtype(q, k, queue)
+        dtype = accumulation_dtype(q, k, queue)
         in_batch = queue is None
-        with _autocast_off(q.device.type):
-            qn, _ = _unit_rows(q, dtype, normalize)  # NxC
-            kn, _ = _unit_rows(k, dtype, normalize)  # NxC
+        with autocast_off(q.device.type):
+            qn, _ = unit_rows(q, dtype, normalize)  # NxC
+            kn, _ = unit_rows(k, dtype, normalize)  # NxC
             negatives = kn if in_batch else queue  # (N or K)xC, any strides
             q_over_T = qn / temperature
             N = qn.shape[0]
@@ -290,9 +208,9 @@ class _InfoNCETorch(torch.autograd.Function):
         need_q, need_k, need_queue = ctx.needs_input_grad[:3]
         T, normalize = ctx.temperature, ctx.normalize
         dtype, in_batch = lse.dtype, queue is None
-        with _autocast_off(q.device.type):
-            qn, q_norm = _unit_rows(q, dtype, normalize)
-            kn, k_norm = _unit_rows(k, dtype, normalize)
+        with autocast_off(q.device.type):
+            qn, q_norm = unit_rows(q, dtype, normalize)
+            kn, k_norm = unit_rows(k, dtype, normalize)
             negatives = kn if in_batch else queue
             q_over_T = qn / T
             g = grad_rows.to(dtype) / T  # N: dLoss/dL_i times the 1/T inside every logit
@@ -318,6 +236,6 @@ class _InfoNCETorch(torch.autograd.Function):
                 d_qn += w_pos[:, None] * kn
                 if need_k:
                     d_kn = w_pos[:, None] * qn
-            d_q = _unit_rows_backward(d_qn, qn, q_norm).to(q.dtype) if need_q else None
-            d_k = _unit_rows_backward(d_kn, kn, k_norm).to(k.dtype) if need_k else None
+            d_q = unit_rows_backward(d_qn, qn, q_norm).to(q.dtype) if need_q else None
+            d_k = unit_rows_backward(d_kn, kn, k_norm).to(k.dtype) if need_k else None
         return d_q, d_k, d_queue, None, None, None, None

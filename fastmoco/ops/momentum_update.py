@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastmoco.ops._backend import select_backend
+from fastmoco.ops._common import select_backend
 
 _BACKENDS = ("torch", "triton")
 _PLAN_CACHE_SIZE = 16  # models (or tensor lists) whose tables stay on the device

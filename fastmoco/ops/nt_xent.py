@@ -16,15 +16,8 @@ which never hold them.
 import torch
 import torch.nn.functional as F
 
-from fastmoco.ops.info_nce import (
-    _accumulation_dtype,
-    _autocast_off,
-    _check_inputs,
-    _triton_rows,
-    fall_back_or_raise,
-    reduce_rows,
-    use_triton,
-)
+from fastmoco.ops._common import accumulation_dtype, autocast_off, check_pair_inputs, reduce_rows
+from fastmoco.ops.info_nce import FALLBACK, kernel_kind, triton_loss, use_triton
 
 
 def nt_xent(
@@ -43,24 +36,26 @@ def nt_xent(
     return_stats=True also rank (2N,) int64: how many of a row's 2N - 2 negatives score
     strictly above its positive. backend as in info_nce.
     """
-    _check_inputs(z1, z2, None, temperature, reduction, 1)
+    check_pair_inputs(z1, z2, None, temperature, reduction, names=("z1", "z2", ""), op="nt_xent")
     z = torch.cat([z1, z2], dim=0)  # 2NxC
-    rows = None
     if use_triton(backend, z):
         try:
-            rows, rank = _triton_rows(z, z, None, float(temperature), normalize, nt_xent=True)
-        except Exception as err:
-            fall_back_or_raise(backend, err)
-    if rows is None:
-        rows, rank = _nt_xent_torch(z, float(temperature), normalize, return_stats)
+            loss, rank = triton_loss(
+                z, z, None, float(temperature), normalize=normalize, reduction=reduction,
+                nt_xent=True,
+            )  # fmt: skip
+            return (loss, rank) if return_stats else loss
+        except Exception as err:  # noqa: BLE001 - FALLBACK re-raises all but kernel failures
+            FALLBACK.handle(backend, kernel_kind(z), err)
+    rows, rank = _nt_xent_torch(z, float(temperature), normalize=normalize, want_rank=return_stats)
     loss = reduce_rows(rows, reduction)
     return (loss, rank) if return_stats else loss
 
 
-def _nt_xent_torch(z, temperature, normalize, want_rank):
+def _nt_xent_torch(z, temperature, *, normalize, want_rank):
     N2 = z.shape[0]
-    with _autocast_off(z.device.type):
-        z = z.to(_accumulation_dtype(z))
+    with autocast_off(z.device.type):
+        z = z.to(accumulation_dtype(z))
         if normalize:
             z = F.normalize(z, dim=1)
         logits = z @ z.T / temperature  # 2Nx2N

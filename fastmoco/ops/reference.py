@@ -14,12 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-
-def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32: what the fast op accumulates in."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
+from fastmoco.ops._common import accumulation_dtype
 
 
 def info_nce_reference(
@@ -35,7 +30,7 @@ def info_nce_reference(
     queue given (MoCo v1/v2):  logits = [q.k+, q.queue_j] / T, label 0.
     queue None (MoCo v3, SimCLR-style in-batch negatives): logits = q @ k.T / T, label i.
     """
-    dtype = _accumulation_dtype(q, k, queue)
+    dtype = accumulation_dtype(q, k, queue)
     q, k = q.to(dtype), k.to(dtype)
     if normalize:
         q = F.normalize(q, dim=1)  # NxC
@@ -61,7 +56,7 @@ def info_nce_logits_reference(
     normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) exactly as info_nce_reference builds them, for top-k accuracy checks."""
-    dtype = _accumulation_dtype(q, k, queue)
+    dtype = accumulation_dtype(q, k, queue)
     q, k = q.to(dtype), k.to(dtype)
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
@@ -79,7 +74,7 @@ def nt_xent_reference(
 ) -> torch.Tensor:
     """SimCLR's NT-Xent over the 2N views: row i's positive is its other view, its
     negatives the remaining 2N - 2 rows (the similarity with itself is left out)."""
-    dtype = _accumulation_dtype(z1, z2)
+    dtype = accumulation_dtype(z1, z2)
     z = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # 2NxC
     N2 = z.shape[0]
     logits = torch.einsum("nc,mc->nm", z, z) / temperature  # logits: 2Nx2N
