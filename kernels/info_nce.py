@@ -54,10 +54,14 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_MAX_SPLITS = 32
+# FASTMOCO_PIN_TILES=1: every kernel runs the first tile of its list that fits, untuned, so
+# a short device check compiles one variant per kernel and shape instead of the whole list.
+_PIN_TILES = os.environ.get("FASTMOCO_PIN_TILES") == "1"
+_MAX_SPLITS = 32  # caps the (splits, N, C) fp32 buffer of dq at 32 * N * C * 4 bytes
 # fp32 dots when TF32 is off: three TF32 products (Triton's "tf32x3") give fp32's accuracy
 # on tensor cores; "ieee" compiles to FMA loops that spill (tools/kernel_report.py).
-FP32_PRECISION = "tf32x3"  # caps the (splits, N, C) fp32 buffer of dq at 32 * N * C * 4 bytes
+FP32_PRECISION = "tf32x3"
+_SHARED_LIMIT = 232_448  # bytes per CTA on sm_90 (H100/H200), the dynamic maximum
 
 
 def _configs(*tiles):
@@ -67,57 +71,84 @@ def _configs(*tiles):
     ]
 
 
-# (BLOCK_N, BLOCK_K, warps, stages). Kept short because every new (N, K) tunes again.
-# tools/kernel_report.py: at C = 128, 64 x 64 tiles spill with 4 warps and not with 8;
-# C = 512 is pruned down to the 32 x 32 tiles.
-if _INTERPRET:
-    _ROW_CONFIGS = _KEY_CONFIGS = _configs((16, 16, 1, 1))
-else:
-    _ROW_CONFIGS = _configs(
-        (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-        (32, 64, 4, 3), (32, 32, 4, 2),
-    )  # fmt: skip
-    _KEY_CONFIGS = _configs(
-        (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)
-    )
+# (BLOCK_N, BLOCK_K, warps, stages), best first; _prune keeps those that fit. Kept short
+# because every new (N, K) tunes again. The 8-warp 32-row tiles are for fp32 operands.
+GPU_ROW_CONFIGS = _configs(
+    (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+    (32, 64, 8, 3), (32, 64, 4, 3), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 1),
+)  # fmt: skip
+GPU_KEY_CONFIGS = _configs(
+    (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 32, 8, 3), (32, 64, 4, 3),
+    (32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1),
+)  # fmt: skip
+_ROW_CONFIGS = _configs((16, 16, 1, 1)) if _INTERPRET else GPU_ROW_CONFIGS
+_KEY_CONFIGS = _configs((16, 16, 1, 1)) if _INTERPRET else GPU_KEY_CONFIGS
 
 
-# Autotuning keys: sizes and the modes that change the work (tensor dtypes are added by
-# Triton itself).
-_TUNE_KEY = ["N", "M", "BLOCK_C", "NORM_S", "EXCL_SELF", "DOT_F32"]
+# Autotuning keys: sizes and every mode that changes the compiled code, the dot precision
+# included (a tile tuned with TF32 must not be reused for tf32x3); Triton adds the dtypes.
+_TUNE_KEY = ["N", "M", "BLOCK_C", "NORM_S", "EXCL_SELF", "DOT_F32", "PRECISION", "INT64"]
+_TUNE_KEY_PROB = _TUNE_KEY + ["PROB_F32", "PROB_PRECISION"]
+
+
+def _shared_bytes(config, block_c, elt):
+    """An upper bound of the shared memory a config takes: (stages + 1) buffers of both
+    tiles of dot operands. Fitted to the sizes of tools/kernel_report.py's launch-like
+    compiles (which the CI test checks against the limit), e.g. 163,840 B compiled for
+    the fp32 C = 512 dstream kernel at 16 x 32, one stage, against 196,608 B here."""
+    bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    return (max(1, config.num_stages) + 1) * (bn + bk) * block_c * elt
+
+
+def _registers_per_thread(config, block_c, key_rows):
+    """Elements per thread of the live tiles: the fp32 accumulator (twice: it is read
+    and rewritten), the streamed tile and the logits. Rows are BLOCK_N, or BLOCK_K for the
+    dstream kernel, whose accumulator is per key."""
+    bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    rows, other = (bk, bn) if key_rows else (bn, bk)
+    return (2 * rows * block_c + other * block_c + bn * bk) / (32 * config.num_warps)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep tiles whose operands fit in registers (BLOCK_C is up to 1024; fp32 operands
-    take twice the room); if none does, the smallest tile."""
+    """Keep the tiles that fit: registers (the per-thread estimate at most 256 for 16-bit
+    operands, 80 for fp32 ones: tf32x3 splits each operand in two; both limits fitted to
+    tools/kernel_report.py, below them nothing spills at C = 128) and shared memory
+    (_shared_bytes <= the sm_90 limit: fp32 at C = 512 could not launch before). If none
+    fits, the smallest tile. With FASTMOCO_PIN_TILES=1, only the first kept."""
     block_c = kwargs.get("BLOCK_C") or named_args.get("BLOCK_C") or 128
     q = named_args.get("Q")
     wide = kwargs.get("DOT_F32") or getattr(q, "dtype", None) == torch.float32
-    budget = 8192 if wide else 16384
+    budget, elt = (80, 4) if wide else (256, 2)
+    key_rows = "DS" in named_args  # the dstream kernel
 
-    def tile(c):
-        return max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) * block_c
-
-    kept = [c for c in configs if tile(c) <= budget]
-    return kept or [
-        min(configs, key=lambda c: (tile(c), c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]))
+    kept = [
+        c
+        for c in configs
+        if _registers_per_thread(c, block_c, key_rows) <= budget
+        and _shared_bytes(c, block_c, elt) <= _SHARED_LIMIT
     ]
+    if not kept:
+        kept = [min(configs, key=lambda c: (_shared_bytes(c, block_c, elt), -c.num_warps))]
+    return kept[:1] if _PIN_TILES else kept
 
 
 @triton.jit
 def _tile_logits(
-    q_raw, scale_q, rows, S, stride_sm, stride_sc, j, cols_c, M, C, shift,
+    q_raw, scale_q, rows, S, stride_sm, stride_sc, j, limit, cols_c, M, C, shift,
     NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_SHIFT: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
-    """s (BLOCK_N, BLOCK_K) fp32 for stream rows j, -inf where excluded; the raw tile
-    (BLOCK_C, BLOCK_K) and its inverse norms, reused by the backward kernels.
+    """s (BLOCK_N, BLOCK_K) fp32 for stream rows j (contiguous), -inf where excluded or
+    j >= limit; the raw tile (BLOCK_C, BLOCK_K) and its inverse norms.
 
-    The keys are loaded already transposed rather than through _load_rows plus tl.trans:
-    tried, the dstream kernel then spills 160 bytes at its main tile (kernel_report)."""
-    mask_j = j < M
+    j stays an arange plus a scalar and the edge is a mask (j < limit), so the compiler
+    sees contiguous addresses and vectorises the loads for either queue layout (replacing
+    j by M past the edge erased that: scalar 16-bit loads for buf.T). The keys are loaded
+    already transposed rather than through _load_rows plus tl.trans (fewer registers)."""
+    mask_j = j < limit
+    jj = j.to(tl.int64) if INT64 else j  # K * C >= 2**31: int64 addresses
     kt = tl.load(
-        S + j[None, :] * stride_sm + cols_c[:, None] * stride_sc,
+        S + jj[None, :] * stride_sm + cols_c[:, None] * stride_sc,
         mask=mask_j[None, :] & (cols_c[:, None] < C),
         other=0.0,
     )
@@ -155,22 +186,31 @@ def _load_rows(X, stride_xn, stride_xc, rows, cols_c, N, C, NORM: tl.constexpr):
     return x, r
 
 
+@triton.jit
+def _split_offsets(split, rows, cols_c, N, C, INT64: tl.constexpr):
+    """Offsets of rows x cols in split `split` of a (splits, N, C) fp32 buffer."""
+    base = split.to(tl.int64) * N * C if INT64 else split * N * C
+    return base + rows[:, None] * C + cols_c[None, :]
+
+
 @triton.autotune(
     configs=_ROW_CONFIGS,
-    key=_TUNE_KEY + ["FUSE_DQ"],
+    key=_TUNE_KEY_PROB + ["FUSE_DQ"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _forward_kernel(
-    Q, P, S, MAX_OUT, SUM_OUT, COUNT_OUT, POS_OUT, ACC_OUT,
+    Q, P, S, PART, ACC_OUT,
     N, M, C, inv_T, keys_per_split, shift,
     stride_qn, stride_qc, stride_pn, stride_pc, stride_sm, stride_sc,
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    FUSE_DQ: tl.constexpr, PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
+    INT64: tl.constexpr, FUSE_DQ: tl.constexpr, PROB_F32: tl.constexpr,
+    PROB_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Per split: running max, sum of exp(s - max) and count per row; with FUSE_DQ also
+    """Per split: running max, sum of exp(s - max) and count per row, into PART (3 *
+    splits + 1, N) fp32 as [max; sum; count (int32 bits); s_pos]; with FUSE_DQ also
     sum_j exp(s_ij - max_i) nhat_j (BLOCK_N, C), rescaled like the sum (flash attention's
     output), from which the finalize kernel makes dq without a second pass."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
@@ -194,10 +234,9 @@ def _forward_kernel(
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
     for j0 in range(start, end, BLOCK_K):
-        j = j0 + tl.arange(0, BLOCK_K)
         s, kt, rk = _tile_logits(
-            q, scale_q, rows, S, stride_sm, stride_sc, tl.where(j < end, j, M), cols_c, M, C,
-            shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION,
+            q, scale_q, rows, S, stride_sm, stride_sc, j0 + tl.arange(0, BLOCK_K), end,
+            cols_c, M, C, shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION, INT64,
         )  # fmt: skip
         count += tl.sum((s > s_pos[:, None]).to(tl.int32), axis=1)
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
@@ -205,71 +244,77 @@ def _forward_kernel(
         e = tl.exp(s - new_max[:, None])
         run_sum = run_sum * alpha + tl.sum(e, axis=1)
         run_max = new_max
-        if FUSE_DQ:
+        if FUSE_DQ:  # operands: an accumulator-derived tile as is, a loaded tile transposed
             e = e * rk[None, :]  # nhat_j = n_j rk_j
+            acc = acc * alpha[:, None]  # rescaled, then accumulated into by the dot itself
             if PROB_F32:
-                upd = tl.dot(e, tl.trans(kt.to(tl.float32)), input_precision=PROB_PRECISION)
+                acc = tl.dot(e, tl.trans(kt.to(tl.float32)), acc, input_precision=PROB_PRECISION)
             else:
-                upd = tl.dot(e.to(kt.dtype), tl.trans(kt), input_precision=PROB_PRECISION)
-            acc = acc * alpha[:, None] + upd
+                acc = tl.dot(e.to(kt.dtype), tl.trans(kt), acc, input_precision=PROB_PRECISION)
 
     mask_n = rows < N
-    tl.store(MAX_OUT + split * N + rows, run_max, mask=mask_n)
-    tl.store(SUM_OUT + split * N + rows, run_sum, mask=mask_n)
-    tl.store(COUNT_OUT + split * N + rows, count, mask=mask_n)
+    splits = tl.num_programs(1)
+    tl.store(PART + split * N + rows, run_max, mask=mask_n)
+    tl.store(PART + (splits + split) * N + rows, run_sum, mask=mask_n)
+    count_bits = count.to(tl.float32, bitcast=True)
+    tl.store(PART + (2 * splits + split) * N + rows, count_bits, mask=mask_n)
     if split == 0:
-        tl.store(POS_OUT + rows, s_pos, mask=mask_n)
+        tl.store(PART + 3 * splits * N + rows, s_pos, mask=mask_n)
     if FUSE_DQ:
-        offs = split * N * C + rows[:, None] * C + cols_c[None, :]
+        offs = _split_offsets(split, rows, cols_c, N, C, INT64)
         tl.store(ACC_OUT + offs, acc, mask=mask_n[:, None] & (cols_c[None, :] < C))
 
 
 @triton.jit
 def _finalize_kernel(
-    MAX_IN, SUM_IN, COUNT_IN, POS_IN, ACC_IN, Q, P, ROWS_OUT, LSE_OUT, RANK_OUT, DQ_OUT,
-    N, C, splits, inv_T, stride_qn, stride_qc, stride_pn, stride_pc,
-    NORM_QP: tl.constexpr, FUSE_DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PART, ACC_IN, Q, P, ROWS_OUT, LSE_OUT, RANK_OUT, DQ_OUT,
+    N, C, inv_T, dq_scale, stride_qn, stride_qc, stride_pn, stride_pc,
+    NORM_QP: tl.constexpr, FUSE_DQ: tl.constexpr, INT64: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Merge the splits: lse, L_i = lse_i - s_i+, rank; with FUSE_DQ also
-    dq_i per unit of g_i = Jacobian_i((sum_j p_ij nhat_j + (p_i+ - 1) phat_i) / T)."""
+    """Merge the splits: lse, L_i = lse_i - s_i+, rank; with FUSE_DQ also dq_i per unit of
+    g_i, times dq_scale: Jacobian_i((sum_j p_ij nhat_j + (p_i+ - 1) phat_i) / T) dq_scale.
+
+    Every split comes in at once: the per-row partials as one (BLOCK_S, BLOCK_N) tile, the
+    dq partials as one (BLOCK_S, BLOCK_N, BLOCK_C) tile, so no load waits on the one
+    before (a run-time loop over up to 32 splits did, in 16 programs)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rows < N
-    top = tl.full([BLOCK_N], -1e30, tl.float32)
-    for sp in range(0, splits):
-        top = tl.maximum(top, tl.load(MAX_IN + sp * N + rows, mask=mask_n, other=-1e30))
-    total = tl.zeros([BLOCK_N], tl.float32)
-    rank = tl.zeros([BLOCK_N], tl.int64)
-    for sp in range(0, splits):
-        m = tl.load(MAX_IN + sp * N + rows, mask=mask_n, other=-1e30)
-        total += tl.load(SUM_IN + sp * N + rows, mask=mask_n, other=1.0) * tl.exp(m - top)
-        rank += tl.load(COUNT_IN + sp * N + rows, mask=mask_n, other=0).to(tl.int64)
-    lse = top + tl.log(total)
-    s_pos = tl.load(POS_IN + rows, mask=mask_n, other=-1e30)  # masked rows stay finite
+    sp = tl.arange(0, BLOCK_S)
+    offs = sp[:, None] * N + rows[None, :]
+    mask = (sp[:, None] < SPLITS) & mask_n[None, :]
+    m = tl.load(PART + offs, mask=mask, other=-1e30)  # (BLOCK_S, BLOCK_N)
+    top = tl.where(mask_n, tl.max(m, axis=0), 0.0)  # rows past N stay finite
+    run_sum = tl.load(PART + SPLITS * N + offs, mask=mask, other=0.0)
+    total = tl.sum(run_sum * tl.exp(m - top[None, :]), axis=0)
+    count = tl.load(PART + 2 * SPLITS * N + offs, mask=mask, other=0.0)
+    rank = tl.sum(count.to(tl.int32, bitcast=True).to(tl.int64), axis=0)
+    lse = top + tl.log(tl.where(mask_n, total, 1.0))
+    s_pos = tl.load(PART + 3 * SPLITS * N + rows, mask=mask_n, other=0.0)
     tl.store(ROWS_OUT + rows, lse - s_pos, mask=mask_n)
     tl.store(LSE_OUT + rows, lse, mask=mask_n)
     tl.store(RANK_OUT + rows, rank, mask=mask_n)
     if FUSE_DQ:
         cols_c = tl.arange(0, BLOCK_C)
-        mask = mask_n[:, None] & (cols_c[None, :] < C)
-        acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-        for sp in range(0, splits):  # exp(s - m_split) * exp(m_split - lse) = p_ij
-            m = tl.load(MAX_IN + sp * N + rows, mask=mask_n, other=-1e30)
-            offs = sp * N * C + rows[:, None] * C + cols_c[None, :]
-            part = tl.load(ACC_IN + offs, mask=mask, other=0.0)
-            acc += part * tl.exp(m - lse)[:, None]
+        mask_c = mask_n[:, None] & (cols_c[None, :] < C)
+        split = sp.to(tl.int64) if INT64 else sp
+        offs3 = split[:, None, None] * N * C + (rows[:, None] * C + cols_c[None, :])[None]
+        part = tl.load(ACC_IN + offs3, mask=(sp < SPLITS)[:, None, None] & mask_c[None], other=0.0)
+        weight = tl.exp(m - lse[None, :])  # exp(s - m_split) * exp(m_split - lse) = p_ij
+        acc = tl.sum(part * weight[:, :, None], axis=0)  # (BLOCK_N, BLOCK_C)
         q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
         p, rp = _load_rows(P, stride_pn, stride_pc, rows, cols_c, N, C, NORM_QP)
         p_hat = p.to(tl.float32) * rp[:, None]
-        d_qhat = (acc + (tl.exp(s_pos - lse) - 1.0)[:, None] * p_hat) * inv_T
+        d_qhat = (acc + (tl.exp(s_pos - lse) - 1.0)[:, None] * p_hat) * (inv_T * dq_scale)
         if NORM_QP:  # through q -> q / max(||q||, eps)
             q_hat = q.to(tl.float32) * rq[:, None]
             radial = tl.where(rq < 1e12, tl.sum(q_hat * d_qhat, axis=1), 0.0)
             d_qhat = (d_qhat - q_hat * radial[:, None]) * rq[:, None]
-        tl.store(DQ_OUT + rows[:, None] * C + cols_c[None, :], d_qhat, mask=mask)
+        tl.store(DQ_OUT + rows[:, None] * C + cols_c[None, :], d_qhat, mask=mask_c)
 
 
 @triton.autotune(
-    configs=_ROW_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+    configs=_ROW_CONFIGS, key=_TUNE_KEY_PROB, prune_configs_by={"early_config_prune": _prune}
 )
 @triton.jit
 def _dq_kernel(
@@ -278,7 +323,7 @@ def _dq_kernel(
     stride_qn, stride_qc, stride_sm, stride_sc,
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
+    INT64: tl.constexpr, PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """DQ_PART[split, i] = sum_{j in split} p_ij nhat_j (fp32)."""
@@ -292,22 +337,21 @@ def _dq_kernel(
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
     for j0 in range(start, end, BLOCK_K):
-        j = j0 + tl.arange(0, BLOCK_K)
         s, kt, rk = _tile_logits(
-            q, rq * inv_T, rows, S, stride_sm, stride_sc, tl.where(j < end, j, M), cols_c, M,
-            C, shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION,
+            q, rq * inv_T, rows, S, stride_sm, stride_sc, j0 + tl.arange(0, BLOCK_K), end,
+            cols_c, M, C, shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION, INT64,
         )  # fmt: skip
         prob = tl.exp(s - lse[:, None]) * rk[None, :]  # p_ij / ||n_j||: nhat_j = n_j rk_j
         if PROB_F32:
             acc += tl.dot(prob, tl.trans(kt.to(tl.float32)), input_precision=PROB_PRECISION)
         else:
             acc += tl.dot(prob.to(kt.dtype), tl.trans(kt), input_precision=PROB_PRECISION)
-    offs = split * N * C + rows[:, None] * C + cols_c[None, :]
+    offs = _split_offsets(split, rows, cols_c, N, C, INT64)
     tl.store(DQ_PART + offs, acc, mask=mask_n[:, None] & (cols_c[None, :] < C))
 
 
 @triton.autotune(
-    configs=_KEY_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+    configs=_KEY_CONFIGS, key=_TUNE_KEY_PROB, prune_configs_by={"early_config_prune": _prune}
 )
 @triton.jit
 def _dstream_kernel(
@@ -316,12 +360,28 @@ def _dstream_kernel(
     stride_qn, stride_qc, stride_sm, stride_sc, stride_dm, stride_dc,
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
+    INT64: tl.constexpr, PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """DS[j] = d loss / d n_j = Jacobian_j(sum_i G_i / T p_ij qhat_i), one key tile each."""
+    """DS[j] = d loss / d n_j = Jacobian_j(sum_i G_i / T p_ij qhat_i), one key tile each.
+
+    The logits are computed transposed, sT = n q^T (BLOCK_K, BLOCK_N), so that the
+    probabilities enter the second dot as they are: tl.dot(tl.trans(x), q) with x derived
+    from a dot accumulator is miscompiled on Hopper by Triton >= 3.4 at 64-wide tiles and
+    gives wrong gradients (fla-org/flash-linear-attention issues 640 and 984, fixed there
+    by PR 826 the same way). Only loaded tiles (q) are ever transposed into a dot."""
     j = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols_c = tl.arange(0, BLOCK_C)
+    mask_j = j < M
+    mask = mask_j[:, None] & (cols_c[None, :] < C)
+    jj = j.to(tl.int64) if INT64 else j
+    n = tl.load(S + jj[:, None] * stride_sm + cols_c[None, :] * stride_sc, mask=mask, other=0.0)
+    if NORM_S:
+        n32 = n.to(tl.float32)
+        norm = tl.sqrt(tl.sum(n32 * n32, axis=1))
+        rn = 1.0 / tl.maximum(norm, 1e-12)
+    else:
+        rn = tl.full([BLOCK_K], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_K, BLOCK_C], tl.float32)
     for i0 in range(0, N, BLOCK_N):
         rows = i0 + tl.arange(0, BLOCK_N)
@@ -329,53 +389,73 @@ def _dstream_kernel(
         q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
         lse = tl.load(LSE + rows, mask=mask_n, other=0.0)
         g = tl.load(G + rows, mask=mask_n, other=0.0)
-        s, kt, rk = _tile_logits(
-            q, rq * inv_T, rows, S, stride_sm, stride_sc, j, cols_c, M, C, shift,
-            NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION,
-        )  # fmt: skip
-        coef = tl.exp(s - lse[:, None]) * (g * inv_T * rq)[:, None]  # g_i p_ij / (T ||q_i||)
-        if PROB_F32:
-            acc += tl.dot(tl.trans(coef), q.to(tl.float32), input_precision=PROB_PRECISION)
+        if DOT_F32:
+            dot = tl.dot(n.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=PRECISION)
         else:
-            acc += tl.dot(tl.trans(coef.to(q.dtype)), q, input_precision=PROB_PRECISION)
-    mask = (j[:, None] < M) & (cols_c[None, :] < C)
-    n = tl.load(S + j[:, None] * stride_sm + cols_c[None, :] * stride_sc, mask=mask, other=0.0)
-    n = n.to(tl.float32)
+            dot = tl.dot(n, tl.trans(q), input_precision=PRECISION)
+        s_t = dot * rn[:, None] * (rq * inv_T)[None, :]  # (BLOCK_K, BLOCK_N)
+        valid = mask_j[:, None] & mask_n[None, :]
+        if EXCL_SELF:
+            valid = valid & (j[:, None] != rows[None, :])
+        if EXCL_SHIFT:
+            valid = valid & (j[:, None] != (rows[None, :] + shift) % M)
+        coef = tl.exp(tl.where(valid, s_t, float("-inf")) - lse[None, :])
+        coef = coef * (g * inv_T * rq)[None, :]  # g_i p_ij / (T ||q_i||), transposed
+        if PROB_F32:
+            acc += tl.dot(coef, q.to(tl.float32), input_precision=PROB_PRECISION)
+        else:
+            acc += tl.dot(coef.to(q.dtype), q, input_precision=PROB_PRECISION)
     if NORM_S:  # through n -> n / max(||n||, eps): drop the radial part, divide by the norm
-        norm = tl.sqrt(tl.sum(n * n, axis=1))
-        rn = 1.0 / tl.maximum(norm, 1e-12)
-        radial = tl.where(norm > 1e-12, tl.sum(n * rn[:, None] * acc, axis=1), 0.0)
-        acc = (acc - n * rn[:, None] * radial[:, None]) * rn[:, None]
-    tl.store(DS + j[:, None] * stride_dm + cols_c[None, :] * stride_dc, acc, mask=mask)
+        n_hat = n.to(tl.float32) * rn[:, None]
+        radial = tl.where(norm > 1e-12, tl.sum(n_hat * acc, axis=1), 0.0)
+        acc = (acc - n_hat * radial[:, None]) * rn[:, None]
+    tl.store(DS + jj[:, None] * stride_dm + cols_c[None, :] * stride_dc, acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------- launchers
 
 
-def _flags(q, p, s, norm_qp, norm_s, excl_self, shift, backward=False):
-    dtypes = {q.dtype, p.dtype, s.dtype}
+def _cdiv(a, b):  # not triton.cdiv: a JIT-callable costs microseconds per host call
+    return -(-a // b)
+
+
+def _pow2(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _last_offset(t):
+    """The largest element offset a 2-D tensor is addressed at."""
+    (rows, cols), (stride_r, stride_c) = t.shape, t.stride()
+    return (rows - 1) * stride_r + (cols - 1) * stride_c
+
+
+@functools.cache
+def _flag_table(q_dtype, p_dtype, s_dtype, norm_qp, norm_s, excl_self, shifted, tf32, C):
+    dtypes = {q_dtype, p_dtype, s_dtype}
     dot_f32 = len(dtypes) > 1 or (_INTERPRET and torch.bfloat16 in dtypes)
     # Backward's probabilities go through the dot in fp32 for fp16 inputs: p_ij ~ 1/K is
     # below fp16's normal range (6e-5) for any real queue. bf16 has fp32's range.
     prob_f32 = dot_f32 or torch.float16 in dtypes
-    ieee = not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32)
 
     def precision(fp32_operands):  # TF32 only where torch.matmul would use it
-        return FP32_PRECISION if fp32_operands and ieee else "tf32"
+        return FP32_PRECISION if fp32_operands and not tf32 else "tf32"
 
-    flags = dict(
-        NORM_QP=norm_qp,
-        NORM_S=norm_s,
-        EXCL_SELF=excl_self,
-        EXCL_SHIFT=shift >= 0,
-        DOT_F32=dot_f32,
-        PRECISION=precision(dot_f32 or torch.float32 in dtypes),
-        BLOCK_C=max(16, triton.next_power_of_2(q.shape[1])),
-    )
-    if backward:
-        flags.update(
-            PROB_F32=prob_f32, PROB_PRECISION=precision(prob_f32 or s.dtype == torch.float32)
-        )
+    return dict(
+        NORM_QP=norm_qp, NORM_S=norm_s, EXCL_SELF=excl_self, EXCL_SHIFT=shifted,
+        DOT_F32=dot_f32, PRECISION=precision(dot_f32 or torch.float32 in dtypes),
+        PROB_F32=prob_f32, PROB_PRECISION=precision(prob_f32 or s_dtype == torch.float32),
+        BLOCK_C=max(16, _pow2(C)),
+    )  # fmt: skip
+
+
+def _flags(q, p, s, norm_qp, norm_s, excl_self, shift, out):
+    """The kernels' constexprs for these inputs (cached: this runs on every call)."""
+    tf32 = q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    modes = (norm_qp, norm_s, excl_self, shift >= 0, tf32, q.shape[1])
+    flags = dict(_flag_table(q.dtype, p.dtype, s.dtype, *modes))
+    # int32 addresses overflow once an offset reaches 2**31: K * C >= 2**31 for a queue, or
+    # splits * N * C for the dq partials (out); q and p (N x C) stay far below
+    flags["INT64"] = max(_last_offset(s), out.numel()) >= 2**31 - 1
     return flags
 
 
@@ -384,65 +464,78 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _splits(N, M, device):
-    """Splits along the stream: enough programs to fill the GPU when N gives few row tiles."""
-    if device.type != "cuda":  # the interpreter: two splits, so that merging is tested
+def _device_sms(device):
+    """Multiprocessors of a CUDA device; None for the interpreter."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _splits(N, M, sms, max_splits=_MAX_SPLITS):
+    """(splits, keys per split) along the stream: enough programs to fill the GPU when N
+    gives few row tiles. An empty stream (K = 0) is one split with nothing to read."""
+    if sms is None:  # the interpreter: two splits, so that merging is tested
         splits, align = (2 if M > 32 else 1), 16
     else:
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        row_tiles = triton.cdiv(N, 64)
-        splits = max(1, min(_MAX_SPLITS, triton.cdiv(2 * sms, row_tiles), triton.cdiv(M, 256)))
+        splits = max(1, min(max_splits, _cdiv(2 * sms, _cdiv(N, 64)), _cdiv(M, 256)))
         align = 128
-    per_split = triton.cdiv(triton.cdiv(M, splits), align) * align
-    return triton.cdiv(M, per_split), per_split
+    per_split = max(align, _cdiv(_cdiv(M, splits), align) * align)
+    return max(1, _cdiv(M, per_split)), per_split
 
 
-def finalize_rows(block_c: int) -> int:
-    """Rows per finalize program: its q, p and dq tiles (fp32) stay in registers with 4
-    warps (tools/kernel_report.py: 32 rows spill at C = 128, 16 do not)."""
-    return 16 if _INTERPRET else max(1, min(32, 2048 // block_c))
+def finalize_tile(block_s: int, block_c: int, fuse_dq: bool) -> tuple[int, int]:
+    """(rows, warps) per finalize program: its (splits, rows, C) fp32 tile of dq partials
+    stays in registers, 64 of them per thread at most (tools/kernel_report.py)."""
+    if _INTERPRET:
+        return 16, 1
+    if not fuse_dq:
+        return max(1, min(64, 4096 // block_s)), 4
+    rows = max(1, 8192 // (block_s * block_c))
+    return rows, (4 if rows * block_s * block_c <= 8192 else 8)
 
 
-def forward(q, p, s, inv_T, norm_qp, norm_s, excl_self, shift, fuse_dq=False):
+def forward(q, p, s, inv_T, *, norm_qp, norm_s, excl_self, shift, fuse_dq=False, dq_scale=1.0):
     """(rows (N,) fp32 loss, lse (N,) fp32, rank (N,) int64, dq_unit) for stream s (M, C).
 
     fuse_dq: also return d L_i / d q_i per unit of g_i (N, C) fp32, computed in the same
-    pass (valid when only q needs a gradient); otherwise dq_unit is empty."""
+    pass (valid when only q needs a gradient), times dq_scale (1/N folds a mean's
+    gradient in, so that backward is one multiplication); otherwise dq_unit is empty."""
     N, C = q.shape
     M = s.shape[0]
-    splits, per_split = _splits(N, M, q.device)
+    block_c = max(16, _pow2(C))
+    # fused: the finalize program holds every split's (rows, C) partials: at most 16384
+    max_splits = min(_MAX_SPLITS, 16384 // block_c) if fuse_dq else _MAX_SPLITS
+    splits, per_split = _splits(N, M, _device_sms(q.device), max_splits)
     f32 = dict(device=q.device, dtype=torch.float32)
-    run_max, run_sum = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
-    count = torch.empty(splits, N, device=q.device, dtype=torch.int32)
-    s_pos = torch.empty(N, **f32)
-    acc = torch.empty(splits, N, C, **f32) if fuse_dq else s_pos
-    flags = _flags(q, p, s, norm_qp, norm_s, excl_self, shift, backward=True)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
+    part = torch.empty((3 * splits + 1) * N, **f32)  # one allocation: host time counts here
+    acc = torch.empty(splits, N, C, **f32) if fuse_dq else part  # (unused when not fused)
+    flags = _flags(q, p, s, norm_qp, norm_s, excl_self, shift, acc)
+    grid = lambda meta: (_cdiv(N, meta["BLOCK_N"]), splits)
     _forward_kernel[grid](
-        q, p, s, run_max, run_sum, count, s_pos, acc,
-        N, M, C, inv_T, per_split, max(shift, 0),
+        q, p, s, part, acc, N, M, C, inv_T, per_split, max(shift, 0),
         *q.stride(), *p.stride(), *s.stride(), FUSE_DQ=fuse_dq, **flags,
     )  # fmt: skip
-    rows, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    rows, lse = torch.empty(N, **f32), torch.empty(N, **f32)  # outputs: no shared storage
     rank = torch.empty(N, device=q.device, dtype=torch.int64)
     dq_unit = torch.empty(N, C, **f32) if fuse_dq else torch.empty(0, **f32)
-    block_n = finalize_rows(flags["BLOCK_C"])
-    _finalize_kernel[(triton.cdiv(N, block_n),)](
-        run_max, run_sum, count, s_pos, acc, q, p, rows, lse, rank, dq_unit,
-        N, C, splits, inv_T, *q.stride(), *p.stride(),
-        NORM_QP=norm_qp, FUSE_DQ=fuse_dq, BLOCK_N=block_n, BLOCK_C=flags["BLOCK_C"],
+    block_s = _pow2(splits)
+    block_n, warps = finalize_tile(block_s, block_c, fuse_dq)
+    _finalize_kernel[(_cdiv(N, block_n),)](
+        part, acc, q, p, rows, lse, rank, dq_unit, N, C, inv_T, dq_scale, *q.stride(), *p.stride(),
+        NORM_QP=norm_qp, FUSE_DQ=fuse_dq, INT64=flags["INT64"], SPLITS=splits,
+        BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return rows, lse, rank, dq_unit
 
 
-def backward_dq(q, s, lse, inv_T, norm_qp, norm_s, excl_self, shift):
+def backward_dq(q, s, lse, inv_T, *, norm_qp, norm_s, excl_self, shift):
     """sum_j p_ij nhat_j (N, C) fp32: the stream's part of d loss / d qhat, before g_i / T."""
     N, C = q.shape
     M = s.shape[0]
-    splits, per_split = _splits(N, M, q.device)
+    splits, per_split = _splits(N, M, _device_sms(q.device))
     part = torch.empty(splits, N, C, device=q.device, dtype=torch.float32)
-    flags = _flags(q, q, s, norm_qp, norm_s, excl_self, shift, backward=True)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
+    flags = _flags(q, q, s, norm_qp, norm_s, excl_self, shift, part)
+    grid = lambda meta: (_cdiv(N, meta["BLOCK_N"]), splits)
     _dq_kernel[grid](
         q, s, lse, part, N, M, C, inv_T, per_split, max(shift, 0),
         *q.stride(), *s.stride(), **flags,
@@ -450,13 +543,15 @@ def backward_dq(q, s, lse, inv_T, norm_qp, norm_s, excl_self, shift):
     return part.sum(dim=0) if splits > 1 else part[0]
 
 
-def backward_dstream(q, s, lse, g, inv_T, norm_qp, norm_s, excl_self, shift):
+def backward_dstream(q, s, lse, g, inv_T, *, norm_qp, norm_s, excl_self, shift):
     """d loss / d s (M, C) in s's dtype, given g_i = d loss / d L_i (N,) fp32."""
     N, C = q.shape
     M = s.shape[0]
     ds = torch.empty(s.shape, device=s.device, dtype=s.dtype)
-    flags = _flags(q, q, s, norm_qp, norm_s, excl_self, shift, backward=True)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_K"]),)
+    if M == 0:  # an empty queue has an empty gradient (and a grid of 0 cannot launch)
+        return ds
+    flags = _flags(q, q, s, norm_qp, norm_s, excl_self, shift, ds)
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_K"]),)
     _dstream_kernel[grid](
         q, s, lse, g, ds, N, M, C, inv_T, max(shift, 0),
         *q.stride(), *s.stride(), *ds.stride(), **flags,

@@ -6,18 +6,33 @@ bounds), measured on the same inputs against the fp64 reference.
 """
 
 import math
-import weakref
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from helpers import Allocations, assert_close, assert_rel_close, rel_error
 
 from fastmoco.ops import info_nce
 from fastmoco.ops.reference import info_nce_logits_reference, info_nce_reference
 
 F64 = torch.float64
+CUDA = torch.cuda.is_available()
+# The fused kernels run on CUDA, or on CPU tensors in Triton's interpreter (conftest.py).
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no CUDA device and no TRITON_INTERPRET=1: the kernels cannot run",
+)
+# Tests that hold both implementations to the same check: the chunked PyTorch path in
+# float64 (or the dtype under test) and the fused kernels (float32 or lower; Triton takes
+# no float64) on the device where they run.
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+def backend_setup(backend):
+    """(device, the widest dtype the backend takes) for the mirrored tests."""
+    return (TRITON_DEVICE, torch.float32) if backend == "triton" else ("cpu", F64)
 
 
 @pytest.fixture(autouse=True)
@@ -28,25 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def assert_close(actual, expected, atol, rtol=0.0, name="tensor", show=5):
-    """Like torch.testing.assert_close, but lists the first mismatching elements."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    a, e = actual.double(), expected.double()
-    err = (a - e).abs()
-    bad = ~(err <= atol + rtol * e.abs())  # also flags NaN
-    if bad.any():
-        rows = [
-            f"  {tuple(i.tolist())}: got {a[tuple(i)].item():.10g}, "
-            f"want {e[tuple(i)].item():.10g}, diff {err[tuple(i)].item():.3g}"
-            for i in bad.nonzero()[:show]
-        ]
-        pytest.fail(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements off (atol={atol:.3g}, "
-            f"rtol={rtol:.3g}, max diff {err.max().item():.3g}); first:\n" + "\n".join(rows)
-        )
 
 
 def make_queue(K, C, layout, dtype=F64):
@@ -92,6 +88,35 @@ def check_against_reference(q, k, leaf, view, *, atol, reduction="mean", grad_ou
         assert_close(g, rg, atol, atol, name=name)
 
 
+def check_rel(backend, q, k, leaf, view, bound, dtype=None, grad_out=None, **kw):
+    """Loss and every gradient of info_nce(backend=...) on inputs cast to `dtype` (the
+    backend's widest by default), against the fp64 reference on the same rounded inputs,
+    by relative norm error."""
+    device, widest = backend_setup(backend)
+    dtype = dtype or widest
+    low = [None if t is None else t.to(device, dtype) for t in (q, k, leaf)]
+    T, normalize = kw.pop("temperature", 0.2), kw.pop("normalize", True)
+    reduction = kw.pop("reduction", "mean")
+    args = dict(normalize=normalize, reduction=reduction)
+    g = None if grad_out is None else grad_out.to(device)
+
+    def ours(a, b, c):
+        return info_nce(a, b, c, T, backend=backend, **args, **kw)
+
+    def ref(a, b, c):
+        return info_nce_reference(a, b, c, T, **args)
+
+    loss, grads = loss_and_grads(ours, *low[:2], low[2], view, None if g is None else g.float())
+    wide = [None if t is None else t.double() for t in low]
+    ref_loss, ref_grads = loss_and_grads(ref, *wide[:2], wide[2], view, g)
+    assert loss.dtype == (F64 if dtype == F64 else torch.float32)
+    assert_rel_close(loss, ref_loss, bound, name=f"{backend} loss")
+    assert len(grads) == len(ref_grads) == (2 if leaf is None else 3)
+    for name, got, want in zip(("dq", "dk", "dqueue"), grads, ref_grads, strict=False):
+        assert got.dtype == dtype, name
+        assert_rel_close(got, want, bound, name=f"{backend} {name}")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("C", [3, 16, 129])
 @pytest.mark.parametrize("K", [1, 5, 130, 1000])
@@ -131,18 +156,19 @@ def test_queue_reductions_and_chunks(reduction, chunk_size):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("in_batch", [False, True])
-def test_unnormalized_large_logits(in_batch):
-    """normalize=False with logits in the thousands: only a running max keeps exp finite."""
+def test_unnormalized_large_logits(in_batch, backend):
+    """normalize=False with large logits (hundreds in fp32, thousands in fp64): only a
+    running max keeps exp finite."""
     torch.manual_seed(3)
-    N, K, C = 7, 130, 16
-    q, k = 8 * torch.randn(N, C, dtype=F64), 8 * torch.randn(N, C, dtype=F64)
+    N, K, C = 19, 130, 16
+    scale, T, bound = (8, 0.05, 1e-9) if backend == "torch" else (3, 0.5, 1e-4)
+    q, k = scale * torch.randn(N, C, dtype=F64), scale * torch.randn(N, C, dtype=F64)
     leaf, view = (None, None) if in_batch else make_queue(K, C, "transposed")
     if leaf is not None:
-        leaf = 8 * leaf
-    check_against_reference(
-        q, k, leaf, view, atol=1e-9, normalize=False, temperature=0.05, chunk_size=32
-    )
+        leaf = scale * leaf
+    check_rel(backend, q, k, leaf, view, bound, normalize=False, temperature=T)
 
 
 def test_tiny_temperature_and_long_queue_rows_stay_finite():
@@ -171,29 +197,33 @@ def plain_pytorch(q, k, queue, temperature, reduction="mean"):
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("in_batch", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_low_precision_within_plain_pytorch_error(dtype, in_batch):
+def test_low_precision_within_plain_pytorch_error(dtype, in_batch, backend):
+    """In each dtype the op errs (relative norm error against fp64 on the same rounded
+    inputs) at most 2x what plain PyTorch errs running the formula in that dtype."""
     torch.manual_seed(5)
-    N, K, C, T = 33, 1000, 129, 0.2
-    q, k = torch.randn(N, C).to(dtype), torch.randn(N, C).to(dtype)
+    N, K, C, T = 33, 200, 64, 0.2
+    device, _ = backend_setup(backend)
+    q, k = torch.randn(N, C).to(device, dtype), torch.randn(N, C).to(device, dtype)
     leaf, view = (None, None) if in_batch else make_queue(K, C, "transposed", dtype)
+    leaf = None if leaf is None else leaf.to(device)
 
-    def ours(q, k, queue):
-        return info_nce(q, k, queue, T, chunk_size=256)
+    def ours(a, b, c):
+        return info_nce(a, b, c, T, backend=backend)
 
-    def ref(q, k, queue):  # fp64 on the very same (rounded) inputs
-        return info_nce_reference(q.double(), k.double(), None if queue is None else queue, T)
-
-    def plain(q, k, queue):
-        return plain_pytorch(q, k, queue, T)
+    def ref(a, b, c):  # fp64 on the very same (rounded) inputs
+        return info_nce_reference(a, b, c, T)
 
     loss, grads = loss_and_grads(ours, q, k, leaf, view)
-    leaf64 = None if leaf is None else leaf.double()
-    ref_loss, ref_grads = loss_and_grads(ref, q.double(), k.double(), leaf64, view)
-    plain_loss, plain_grads = loss_and_grads(plain, q, k, leaf, view)
+    wide = [None if t is None else t.cpu().double() for t in (q, k, leaf)]
+    ref_loss, ref_grads = loss_and_grads(ref, *wide[:2], wide[2], view)
+    cpu = [None if t is None else t.cpu() for t in (q, k, leaf)]
+    plain_loss, plain_grads = loss_and_grads(
+        lambda a, b, c: plain_pytorch(a, b, c, T), *cpu[:2], cpu[2], view
+    )
     assert loss.dtype == torch.float32
-    eps = torch.finfo(dtype).eps
     outputs = zip(
         ("loss", "dq", "dk", "dqueue")[: 1 + len(grads)],
         (loss, *grads),
@@ -201,58 +231,105 @@ def test_low_precision_within_plain_pytorch_error(dtype, in_batch):
         (plain_loss, *plain_grads),
         strict=True,
     )
+    floor = 4 * torch.finfo(dtype).eps  # where plain PyTorch happens to be exact
     for name, mine, want, theirs in outputs:
         assert mine.dtype == (torch.float32 if name == "loss" else dtype), name
-        plain_err = (theirs.double() - want).abs().max().item()
-        atol = max(2 * plain_err, 2 * eps * want.abs().max().item())
-        assert_close(mine, want, atol, name=f"{name} ({dtype}, plain err {plain_err:.3g})")
+        plain_err = rel_error(theirs, want)
+        bound = max(2 * plain_err, floor)
+        label = f"{backend} {name} ({dtype}, plain {plain_err:.3g})"
+        assert_rel_close(mine, want, bound, name=label)
 
 
-def test_mixed_dtypes_accumulate_in_fp32_and_return_input_dtypes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_accumulate_in_fp32_and_return_input_dtypes(backend):
+    """q bf16 from an autocast head, k fp32, a fp16 queue: fp32 accumulation, gradients in
+    each input's dtype."""
     torch.manual_seed(6)
-    N, K, C = 7, 130, 16
-    q = torch.randn(N, C).bfloat16().requires_grad_()
-    k = torch.randn(N, C).requires_grad_()
-    buf = torch.randn(C, K).half().requires_grad_()
-    loss = info_nce(q, k, buf.T, chunk_size=32)
+    N, K, C = 9, 130, 16
+    device, _ = backend_setup(backend)
+    q = torch.randn(N, C, device=device).bfloat16().requires_grad_()
+    k = torch.randn(N, C, device=device).requires_grad_()
+    buf = torch.randn(C, K, device=device).half().requires_grad_()
+    loss = info_nce(q, k, buf.T, chunk_size=32, backend=backend)
     loss.backward()
     assert loss.dtype == torch.float32
-    grad_dtypes = (q.grad.dtype, k.grad.dtype, buf.grad.dtype)
-    assert grad_dtypes == (torch.bfloat16, torch.float32, torch.float16)
-    ref = info_nce_reference(q.double(), k.double(), buf.T.double())
-    assert_close(loss.detach(), ref.detach(), atol=1e-5, name="loss")
-    f64 = info_nce(q.detach(), k.detach().double(), buf.detach().T, chunk_size=32)
-    assert f64.dtype == F64  # any fp64 input makes the accumulation fp64
+    assert (q.grad.dtype, k.grad.dtype, buf.grad.dtype) == (q.dtype, k.dtype, buf.dtype)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, buf)]
+    ref = info_nce_reference(leaves[0], leaves[1], leaves[2].T)
+    ref.backward()
+    assert_rel_close(loss.detach(), ref.detach(), 1e-6, name="loss")
+    for name, t, r in zip(("dq", "dk", "dqueue"), (q, k, buf), leaves, strict=True):
+        assert_rel_close(t.grad, r.grad, 1e-2, name=name)  # rounded to bf16 / fp16
+    if backend == "torch":
+        f64 = info_nce(q.detach(), k.detach().double(), buf.detach().T, chunk_size=32)
+        assert f64.dtype == F64  # any fp64 input makes the accumulation fp64
 
 
-def test_grads_only_where_required():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_only_where_required(backend):
     torch.manual_seed(7)
-    q = torch.randn(7, 16, requires_grad=True)
-    k, queue = torch.randn(7, 16), torch.randn(130, 16)
-    info_nce(q, k, queue, chunk_size=32).backward()
+    device, dtype = backend_setup(backend)
+    q = torch.randn(7, 16, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(7, 16, device=device, dtype=dtype)
+    queue = torch.randn(130, 16, device=device, dtype=dtype)
+    info_nce(q, k, queue, chunk_size=32, backend=backend).backward()
     assert q.grad is not None and k.grad is None and queue.grad is None
+    want = torch.autograd.grad(info_nce_reference(q.double(), k.double(), queue.double()), q)
+    assert_rel_close(q.grad, want[0], 1e-10 if dtype == F64 else 1e-5, name="dq")
 
 
-@pytest.mark.parametrize("chunk_size", [3, 64, 4096])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_empty_queue_is_the_positive_alone(in_batch, backend):
+    """K = 0 is valid input: each row's loss is that of its positive alone, log(e^s/e^s)
+    = 0, its rank 0, and the gradients are zero; never a ZeroDivisionError. (In-batch
+    mode has no queue: there K = 0 means a batch of one, the positive alone too.)"""
+    device, dtype = backend_setup(backend)
+    N = 1 if in_batch else 5
+    q = torch.randn(N, 16, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(N, 16, device=device, dtype=dtype, requires_grad=True)
+    buf = torch.randn(16, 0, device=device, dtype=dtype, requires_grad=True)
+    queue = None if in_batch else buf.T
+    loss, rank = info_nce(q, k, queue, return_stats=True, backend=backend)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and rank.tolist() == [0] * N
+    wide = [None if t is None else t.detach().double() for t in (q, k, queue)]
+    assert info_nce_reference(*wide).item() == 0.0
+    assert q.grad.abs().max() < 1e-6 and k.grad.abs().max() < 1e-6
+    if not in_batch:
+        assert buf.grad is not None and buf.grad.shape == (16, 0)
+
+
+@pytest.mark.parametrize(
+    "backend,chunk_size",
+    [("torch", 3), ("torch", 64), ("torch", 4096), pytest.param("triton", 0, marks=needs_triton)],
+)
 @pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (33, 130), (33, 1000), (33, None), (7, None)])
-def test_rank_matches_materialized_logits(N, K, chunk_size):
+def test_rank_matches_materialized_logits(N, K, chunk_size, backend):
     torch.manual_seed(8)
     C = 16
+    device, dtype = backend_setup(backend)
     q, k = torch.randn(N, C, dtype=F64), torch.randn(N, C, dtype=F64)
     queue = None if K is None else torch.randn(C, K, dtype=F64).T
-    q.requires_grad_()
-    loss, rank = info_nce(q, k, queue, 0.2, return_stats=True, chunk_size=chunk_size)
+    q, k = q.to(device, dtype).requires_grad_(), k.to(device, dtype)
+    queue = None if queue is None else queue.to(device, dtype)
+    chunks = dict(chunk_size=chunk_size) if backend == "torch" else {}
+    loss, rank = info_nce(q, k, queue, 0.2, return_stats=True, backend=backend, **chunks)
     assert rank.dtype == torch.int64 and rank.shape == (N,) and not rank.requires_grad
-    assert_close(loss, info_nce_reference(q, k, queue, 0.2), 1e-10, name="loss")
+    wide = [None if t is None else t.detach().cpu().double() for t in (q, k, queue)]
+    if dtype == F64:  # (in fp32 the loss at N = K = 1 is a difference of terms ~5: ~1e-7)
+        assert_rel_close(loss, info_nce_reference(*wide, 0.2), 1e-10)
 
-    logits, labels = info_nce_logits_reference(q.detach(), k, queue, 0.2)
+    logits, labels = info_nce_logits_reference(*wide, 0.2)
     positive = logits.gather(1, labels[:, None])
     want = (logits > positive).sum(dim=1)  # the positive is never above itself
-    assert_close(rank, want, 0, name="rank")
-    top1 = logits.argmax(dim=1) == labels
-    assert torch.equal(rank == 0, top1)
+    # fp64: exact. fp32: a negative within rounding of the positive may fall either side.
+    near = ((logits - positive).abs() < (1e-5 if dtype != F64 else 0)).sum(dim=1)
+    assert ((rank.cpu() - want).abs() <= near).all(), (rank, want)
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    assert torch.equal(rank < 5, (top == labels[:, None]).any(dim=1))
+    if dtype == F64:
+        assert torch.equal(rank == 0, logits.argmax(dim=1) == labels)
+        assert torch.equal(rank < 5, (top == labels[:, None]).any(dim=1))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -270,40 +347,6 @@ def test_gradcheck(in_batch, normalize, reduction):
         return info_nce(q, k, queue, 0.5, normalize=normalize, reduction=reduction, chunk_size=3)
 
     assert torch.autograd.gradcheck(fn, (q, k, buf))
-
-
-class Allocations(TorchDispatchMode):
-    """Watches every aten op: the largest new storage, peak live bytes of new storages (a
-    storage is freed when its Python object is), and host syncs (.item(), int(t))."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = self.live = self.peak = self.syncs = 0
-
-    def _free(self, nbytes):
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        out = func(*args, **(kwargs or {}))
-        seen = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() in seen or storage.nbytes() == 0:
-                continue  # a view or an in-place result, not a new allocation
-            seen.add(storage.data_ptr())
-            self.largest = max(self.largest, storage.nbytes())
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, storage.nbytes())
-        return out
 
 
 def test_no_n_by_k_tensor_in_forward_backward_or_saved():
