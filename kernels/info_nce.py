@@ -33,11 +33,19 @@ Otherwise backward recomputes each tile's logits from the saved lse:
                   the op adds the positive's term and the normalisation Jacobian.
   _dstream_kernel (key tile): dn_j = Jacobian(sum_i g_i/T p_ij qhat_i), looping over all
                   rows, written once in the stream's dtype; launched only when it is needed.
+                  It computes the logits transposed (n q^T), so that no dot operand is the
+                  transpose of an accumulator-derived tile: Triton >= 3.4 miscompiles that
+                  on Hopper (fla-org/flash-linear-attention issues 640, 984; PR 826).
 
 Cost model (F = N * M * C): forward 2F flops + N*M exp, reads the stream once per row tile
 (the row tiles of one split share it through L2); single pass +2F; recompute-backward dq 4F,
-dstream 4F. Extra memory: O(N * splits * C) fp32 (splits <= 32), never N x M.
-Resources for sm_90 (registers, spills, shared memory): python tools/kernel_report.py.
+dstream 4F. Extra memory: O(N * splits * C) fp32 (splits <= 32), never N x M. An empty
+stream (K = 0) is one split that reads nothing: the loss of the positive alone, 0.
+Resources for sm_90 (registers, spills, shared memory), compiled the way a launch at the
+goal shapes compiles: python tools/kernel_report.py. Edges are masks on contiguous
+indices (j < end), so both queue layouts get vectorised, asynchronous loads; offsets
+switch to int64 (constexpr INT64) once an address reaches 2**31 elements.
+FASTMOCO_PIN_TILES=1 runs the first fitting tile of each list untuned (a short device check).
 
 Precision: loads in the inputs' dtypes, tl.dot accumulates in fp32; fp32 dots use one TF32
 product when torch.backends.cuda.matmul.allow_tf32 is on (as torch.matmul does) and three
