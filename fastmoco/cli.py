@@ -14,7 +14,10 @@ import typing
 from pathlib import Path
 
 from fastmoco.config import PRESETS, TrainConfig
+from fastmoco.config_io import read_config_file, to_yaml
+from fastmoco.data.augment import RECIPES
 from fastmoco.engine.checkpoint_io import FORMATS
+from fastmoco.engine.notices import DALI_DIFFERENCES
 from fastmoco.errors import UsageError
 from fastmoco.eval.lincls import PRESETS as LINCLS_PRESETS
 from fastmoco.eval.lincls import LinclsConfig
@@ -48,20 +51,25 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
         "moco_m_cos": "raise the momentum from --moco-m to 1 on a half cosine (mocov3)",
         "temperature": "T (mocov1: 0.07)",
         "shuffle_bn": "shuffle BN: encode keys in a shuffled order across BN groups",
-        "bn_splits": "BN groups per device for shuffle BN (8 simulates 8 GPUs on one)",
+        "bn_splits": "BN groups per device for shuffle BN (8 simulates 8 GPUs on one, as the "
+        "official CIFAR-10 demo). With 1 group on one device shuffle BN does nothing, and "
+        "training warns",
         "bank_m": "membank: momentum of the stored features",
         "margin": "drlim: margin of dissimilar pairs",
     },
     "data and augmentation": {
         "data": (
-            "ImageFolder root: DIR/train and DIR/val (kNN monitor), or DIR as train set "
-            "(default: the embedded demo set)",
-            dict(metavar="DIR"),
+            "DIR/train and DIR/val (kNN monitor), or DIR as the train set: an ImageFolder "
+            "(DIR/<class>/<image>) or any folder of images (unlabelled; flat or nested); a "
+            "text file of image paths; cifar10:DIR, cifar100:DIR, stl10:DIR for "
+            "torchvision's files on disk (default: the embedded demo set)",
+            dict(metavar="DATA"),
         ),
         "demo_seed": "which demo dataset to draw (without --data)",
         "recipe": (
-            "augmentation: v1, v2 (adds blur), v3 (BYOL's asymmetric pair, solarize)",
-            dict(choices=["v1", "v2", "v3"]),
+            "augmentation: v1, v2 (adds blur), v3 (BYOL's asymmetric pair, solarize), cifar "
+            "(v2 without blur, the official CIFAR-10 demo's)",
+            dict(choices=list(RECIPES)),
         ),
         "crop_size": "training crop in pixels",
         "crop_scale": ("RandomResizedCrop's area range", dict(metavar=("MIN", "MAX"))),
@@ -69,7 +77,9 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
         "std": ("normalisation std per channel", dict(metavar=("R", "G", "B"))),
         "loader": (
             "input pipeline: DALI (GPU decode + augmentation; CPU mode without CUDA) or the "
-            "torchvision DataLoader (auto: DALI on CUDA when installed)",
+            "torchvision DataLoader. auto: DALI on CUDA when installed, for files (not "
+            "cifar10:DIR and the like). DALI's augmentation differs from torchvision's: "
+            f"{DALI_DIFFERENCES}; the run prints which loader runs",
             dict(choices=["auto", "dali", "torch"]),
         ),
         "workers": "data-loading processes per rank",
@@ -78,7 +88,12 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
     "optimisation": {
         "epochs": "epochs",
         "batch_size": "global batch over all GPUs",
-        "lr": "base learning rate for batch 256; the rate used is lr x batch-size / 256",
+        "lr": "learning rate; the rate used is printed at start (see --lr-scaling)",
+        "lr_scaling": (
+            "linear: the rate used is lr x batch-size / 256 (moco-v3's rule); none: lr as "
+            "given (official v1/v2: their --lr 0.03 is for batch 256, --lr 0.015 for 128)",
+            dict(choices=["linear", "none"]),
+        ),
         "optimizer": (
             "sgd (v1/v2), lars (v3 ResNet), adamw (v3 ViT)",
             dict(choices=["sgd", "lars", "adamw"]),
@@ -213,14 +228,20 @@ def add_config_flags(parser, cls, groups: dict, shown: object) -> None:
 
 
 def config_from_args(args: argparse.Namespace, presets: dict, preset_with_data: str):
-    """The preset (args.preset, else 'demo' without --data, else preset_with_data) with every
-    flag that was given applied over it."""
-    preset = args.preset or ("demo" if args.data is None else preset_with_data)
-    cfg = presets[preset]
-    names = {f.name for f in dataclasses.fields(cfg)} - {"preset"}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return cfg.replace(**overrides)
+    """Flags over --config FILE over a preset. The preset: --preset, else the file's, else
+    'demo' without --data and preset_with_data with it; a file naming no known preset (a
+    run's config.yaml from a custom config) sets its fields over the dataclass defaults."""
+    cls = type(next(iter(presets.values())))
+    from_file = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(cls)} - {"preset"}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    flags = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
+    data = flags.get("data") or from_file.get("data")
+    preset = args.preset or from_file.get("preset")
+    if preset is None:
+        preset = "demo" if data is None else preset_with_data
+    base = presets[preset] if preset in presets else cls(preset=preset)
+    return base.replace(**from_file).replace(**flags)
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -238,14 +259,30 @@ def _train_parser(sub) -> argparse.ArgumentParser:
             "below; flags override it. Values in brackets are the mocov2 preset's."
         ),
     )
+    g = p.add_argument_group("configuration file")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of fields (e.g. a run's config.yaml): the preset below it, "
+        "flags over it",
+    )
+    g.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as YAML and exit without training",
+    )
     add_config_flags(p, TrainConfig, TRAIN_FLAGS, PRESETS["mocov2"])
     return p
 
 
 def cmd_train(args) -> int:
+    cfg = config_from_args(args, PRESETS, "mocov2")
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     from fastmoco.engine.trainer import train
 
-    train(config_from_args(args, PRESETS, "mocov2"))
+    train(cfg)
     return 0
 
 

@@ -43,7 +43,10 @@ class TrainConfig:
     # --- optimisation ---
     epochs: int = 200
     batch_size: int = 256  # global, over all ranks
-    lr: float = 0.03  # base lr for batch 256; the lr used is lr * batch_size / 256
+    lr: float = 0.03  # base lr; the lr used is effective_lr()
+    # linear: lr x batch_size / 256 (Goyal et al. 2017, as moco-v3 does); none: lr as given
+    # (the official v1/v2 main_moco.py, whose 0.03 is for batch 256)
+    lr_scaling: str = "linear"
     optimizer: str = "sgd"  # sgd (v1/v2), lars (v3 ResNet), adamw (v3 ViT)
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -66,6 +69,10 @@ class TrainConfig:
     log_every: int = 10  # steps between reads of the loss (each read is a host sync)
     progress: bool = True
 
+    def effective_lr(self) -> float:
+        """The learning rate the schedule starts from (after warm-up)."""
+        return self.lr * self.batch_size / 256 if self.lr_scaling == "linear" else self.lr
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -80,12 +87,45 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # MoCo v1 (He et al. 2019): fc head, T=0.07, aug without blur, step LR at 120/160.
+    # MoCo v1 (He et al. 2019): fc head, T=0.07, aug without blur, step LR at 120/160; the
+    # official main_moco.py takes --lr as given.
     "mocov1": TrainConfig(
-        preset="mocov1", mlp_hidden=0, temperature=0.07, recipe="v1", schedule="step"
+        preset="mocov1",
+        mlp_hidden=0,
+        temperature=0.07,
+        recipe="v1",
+        schedule="step",
+        lr_scaling="none",
     ),
-    # MoCo v2 (Chen et al. 2020): MLP head, T=0.2, aug+ (blur), cosine LR.
-    "mocov2": TrainConfig(preset="mocov2"),
+    # MoCo v2 (Chen et al. 2020): MLP head, T=0.2, aug+ (blur), cosine LR, --lr as given.
+    "mocov2": TrainConfig(preset="mocov2", lr_scaling="none"),
+    # The official MoCo CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb):
+    # ResNet-18 with the 3x3 stem, fc head, shuffle BN over 8 simulated GPUs (SplitBatchNorm
+    # 8), K=4096, m=0.99, T=0.1, SGD lr 0.06 at batch 512 as given, wd 5e-4, cosine, 200
+    # epochs, v2's jitter without blur on 0.08-1 crops, CIFAR's mean/std, kNN k=200 t=0.1
+    # every epoch (train split as the bank, test split as queries). Its log: 82.6% kNN top-1.
+    "cifar": TrainConfig(
+        preset="cifar",
+        arch="resnet18",
+        small_images=True,
+        mlp_hidden=0,
+        queue_size=4096,
+        moco_m=0.99,
+        temperature=0.1,
+        bn_splits=8,
+        recipe="cifar",
+        crop_size=32,
+        crop_scale=(0.08, 1.0),
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2023, 0.1994, 0.2010),
+        epochs=200,
+        batch_size=512,
+        lr=0.06,
+        lr_scaling="none",
+        weight_decay=5e-4,
+        knn_k=200,
+        knn_t=0.1,
+    ),
     # MoCo v3 (Chen et al. 2021), ResNet-50 recipe of the official code: projector
     # 2048-4096-256, predictor 256-4096-256, T=1.0, m 0.99 -> 1 (cosine), LARS lr 0.6 x
     # batch/256, wd 1e-6, batch 4096, 100 epochs with 10 of warm-up, crops 0.08-1, AMP.
@@ -135,7 +175,7 @@ PRESETS: dict[str, TrainConfig] = {
     # ResNet at 32 px (throughput buys epochs), m=0.9 since a 0.99 key encoder would lag
     # most of a 400-step run, K=2048 (16 batches), shuffle BN over 4 simulated GPUs, crops
     # of at least half the image so both views show the shape, and kNN with k=20 as the
-    # val split has only 100 images per class.
+    # bank (the train split) has only 300 images per class.
     "demo": TrainConfig(
         preset="demo",
         arch="resnet-tiny",

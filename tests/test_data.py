@@ -59,10 +59,10 @@ def test_scan_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="nope does not exist"):
         scan_image_folder(tmp_path / "nope")
     (tmp_path / "file.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match="file.jpg is not a directory"):
+    with pytest.raises(DataError, match="file.jpg is an image file, not a folder"):
         scan_image_folder(tmp_path / "file.jpg")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="empty has no class subdirectories"):
+    with pytest.raises(DataError, match="empty holds no images"):
         scan_image_folder(tmp_path / "empty")
     write_image_folder(tmp_path / "d", classes=2, per_class=2)
     (tmp_path / "d" / "cat").mkdir()

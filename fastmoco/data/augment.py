@@ -51,7 +51,9 @@ V3_BLUR_P = (1.0, 0.1)
 V3_SOLARIZE_P = (0.0, 0.2)
 SOLARIZE_THRESHOLD = 128  # PIL's ImageOps.solarize default, as moco-v3's Solarize uses
 
-RECIPES = ("v1", "v2", "v3")
+# cifar: v2 without the blur, the official MoCo CIFAR-10 demo's augmentation (a 3-px blur
+# would erase much of a 32-px image).
+RECIPES = ("v1", "v2", "v3", "cifar")
 
 
 def blur_kernel_size(crop_size: int) -> int:
@@ -88,12 +90,13 @@ def view_transform(
     if kernel < 1 or kernel % 2 == 0:
         raise UsageError(f"blur kernel {kernel}: must be an odd positive number of pixels")
     blur = T.GaussianBlur(kernel, sigma=V2_BLUR_SIGMA)  # sigma U[0.1, 2] in v2 and v3
-    if recipe == "v2":
+    if recipe in ("v2", "cifar"):
         middle = [
             T.RandomApply([T.ColorJitter(*V2_JITTER)], p=V2_JITTER_P),
             T.RandomGrayscale(p=GRAYSCALE_P),
-            T.RandomApply([blur], p=V2_BLUR_P),
         ]
+        if recipe == "v2":
+            middle.append(T.RandomApply([blur], p=V2_BLUR_P))
     else:
         middle = [
             T.RandomApply([T.ColorJitter(*V3_JITTER)], p=V2_JITTER_P),

@@ -68,6 +68,7 @@ from fastmoco.data.augment import (
 )
 from fastmoco.data.folder import _READ_ERRORS, MAX_BAD_IN_A_ROW, load_rgb, scan_image_folder
 from fastmoco.data.sampler import ShardedBatchSampler
+from fastmoco.data.sources import is_in_memory
 from fastmoco.errors import DataError, UsageError
 
 RECIPES = ("v1", "v2")  # v3's asymmetric pair (solarize) runs on the DataLoader path only
@@ -244,6 +245,11 @@ class DaliTwoViewLoader:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if is_in_memory(root):
+            raise UsageError(
+                f"--loader dali reads image files, and {root} is a data set held in memory: "
+                "use --loader torch (or auto)"
+            )
         self.samples, self.classes = scan_image_folder(root)
         if batch_size * world_size > len(self.samples):
             per = f" x {world_size} ranks" if world_size > 1 else ""

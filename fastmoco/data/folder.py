@@ -1,8 +1,8 @@
-"""ImageFolder reading with reproducible augmentation and clear errors for bad data.
+"""Image reading with reproducible augmentation and clear errors for bad data.
 
-Layout: root/<class>/<image>, files possibly nested below the class directory (as in
-torchvision's ImageFolder). Classes are the sorted subdirectory names; their position is the
-label.
+What a root may be (a folder, labelled or not, an image list, a torchvision data set on
+disk) is sources.py's; in an ImageFolder, classes are the sorted subdirectory names and
+their position is the label (torchvision's layout).
 
 Reproducibility: each augmented sample is a pure function of (seed, epoch, index). The CPU
 random generator is forked and seeded from that triple around the transform, so the views
@@ -10,18 +10,18 @@ do not depend on the number of loader workers, on which worker loads which item,
 what ran before; a run resumed mid-epoch sees exactly the views the uninterrupted run saw.
 """
 
-import os
 import random
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from fastmoco.data.sources import IMG_EXTENSIONS, load_rgb, open_source
 from fastmoco.errors import DataError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+__all__ = ["IMG_EXTENSIONS", "ImageFolderDataset", "load_rgb", "scan_image_folder"]
+
 # Consecutive unreadable files tolerated under skip_bad_images before giving up: a long run
 # of them means a broken dataset, not a few bad files.
 MAX_BAD_IN_A_ROW = 64
@@ -29,51 +29,11 @@ MAX_BAD_IN_A_ROW = 64
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
-
-
 def scan_image_folder(root) -> tuple[list[tuple[str, int]], list[str]]:
-    """(samples [(path, class index)], classes) of an ImageFolder tree, sorted.
-
-    Hidden entries (names starting with ".") are skipped: editors, notebooks and macOS leave
-    ".ipynb_checkpoints" directories and "._x.jpg" resource forks that are not images.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data directory {root} does not exist: check the --data path")
-    if not root.is_dir():
-        raise DataError(
-            f"{root} is not a directory: --data must be an ImageFolder directory "
-            "laid out as root/<class>/<image>.jpg"
-        )
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
-    if not classes:
-        raise DataError(
-            f"data directory {root} has no class subdirectories (it is empty or holds only "
-            "files): lay the images out as root/<class>/<image>.jpg"
-        )
-    samples = []
-    for label, name in enumerate(classes):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if d[0] != "."]
-            files += [os.path.join(dirpath, f) for f in filenames if _is_image(f)]
-        if not files:
-            exts = "/".join(IMG_EXTENSIONS)
-            raise DataError(
-                f"class dir '{root / name}' has no images ({exts}): add images or remove "
-                "the directory"
-            )
-        samples += [(f, label) for f in sorted(files)]
-    return samples, classes
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode the whole file now (PIL is lazy) so that corruption shows up here."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
+    """(samples [(path or key, class index, -1 if unlabelled)], classes) of a split: see
+    sources.open_source."""
+    source = open_source(root)
+    return source.samples, source.classes
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -84,7 +44,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """ImageFolder whose item i is (transform(image), class index, n_bad).
+    """Images of a split (any sources.open_source root) whose item i is (transform(image),
+    class index (-1 unlabelled), n_bad).
 
     n_bad is the number of unreadable files met while producing the item: 0 normally; with
     skip_bad_images, a bad file is replaced by the next readable one ((i + 1) % len, ...) so a
@@ -102,8 +63,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         skip_bad_images: bool = False,
         seed: int = 0,
     ):
-        self.root = Path(root)
-        self.samples, self.classes = scan_image_folder(root)
+        self.root = root
+        self.source = open_source(root)
+        self.samples, self.classes = self.source.samples, self.source.classes
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self.seed = seed
@@ -135,7 +97,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for n_bad in range(min(n, MAX_BAD_IN_A_ROW)):
             path, target = self.samples[(index + n_bad) % n]
             try:
-                return load_rgb(path), target, n_bad
+                return self.source.load(path), target, n_bad
             except _READ_ERRORS as e:
                 if not self.skip_bad_images:
                     raise DataError(

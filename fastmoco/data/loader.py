@@ -22,6 +22,7 @@ from fastmoco.data.augment import (
 )
 from fastmoco.data.folder import ImageFolderDataset
 from fastmoco.data.sampler import ShardedBatchSampler
+from fastmoco.data.sources import is_in_memory
 from fastmoco.errors import DataError, UsageError
 
 
@@ -171,7 +172,9 @@ def build_train_loader(
             f"{kwargs.get('recipe')!r}: use --loader torch (or auto)"
         )
     if loader == "auto":
-        if kwargs.get("recipe") not in dali.RECIPES:
+        if is_in_memory(root):
+            loader, why = "torch", "auto: DALI reads files; this data set is held in memory"
+        elif kwargs.get("recipe") not in dali.RECIPES:
             loader, why = "torch", f"auto: recipe {kwargs.get('recipe')} has no DALI version yet"
         elif device.type != "cuda":
             loader, why = "torch", "auto: DALI is used on CUDA; --loader dali for its CPU mode"

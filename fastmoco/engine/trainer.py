@@ -17,8 +17,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from fastmoco.config import TrainConfig
-from fastmoco.data import build_train_loader, demo_dataset, scan_image_folder
+from fastmoco.config_io import write_config
+from fastmoco.data import build_train_loader, demo_dataset
 from fastmoco.data.augment import RECIPES
+from fastmoco.data.sources import bank_is_labelled, open_source, splits
 from fastmoco.errors import UsageError
 from fastmoco.eval.knn import build_knn_loaders, knn_accuracy
 from fastmoco.models import ALL_ARCHS, METHODS, MoCo, build_model
@@ -27,6 +29,7 @@ from fastmoco.ops.distributed import world
 from . import checkpoint as ckpt
 from .distributed import launch, local_device, resolve_device
 from .metrics import MetricsLog, plot_curves
+from .notices import startup_notices
 from .optim import OPTIMIZERS, build_optimizer
 
 
@@ -39,8 +42,9 @@ class Interrupted(Exception):
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """lr = base_lr * batch/256, with linear warm-up, then cosine (v2) or x0.1 steps (v1)."""
-    base = cfg.lr * cfg.batch_size / 256
+    """cfg.effective_lr() (--lr-scaling), with linear warm-up, then cosine (v2) or x0.1 steps
+    (v1)."""
+    base = cfg.effective_lr()
     e = step / steps_per_epoch
     if e < cfg.warmup_epochs:
         return base * (e + 1 / steps_per_epoch) / cfg.warmup_epochs
@@ -76,6 +80,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
     if cfg.schedule not in ("cosine", "step"):
         raise UsageError(f"--schedule {cfg.schedule!r}: choose cosine or step")
+    if cfg.lr_scaling not in ("linear", "none"):
+        raise UsageError(f"--lr-scaling {cfg.lr_scaling!r}: choose linear or none")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
     if cfg.method == "moco" and cfg.queue_size <= cfg.batch_size:
@@ -96,16 +102,14 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--amp-dtype {cfg.amp_dtype!r}: choose bf16 or fp16")
 
 
-def data_roots(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """(train root, val root or None). Without --data, the embedded demo set (made once)."""
+def data_roots(cfg: TrainConfig) -> tuple[str, str | None]:
+    """(train split, val split or None) of --data (data/sources.py: a folder with or without
+    train/ and val/, an image list, cifar10:DIR, ...). Without --data, the embedded demo set
+    (made once)."""
     if cfg.data is None:
         root = demo_dataset(seed=cfg.demo_seed, progress=cfg.progress)
-        return root / "train", root / "val"
-    root = Path(cfg.data)
-    if (root / "train").is_dir():
-        val = root / "val"
-        return root / "train", val if val.is_dir() else None
-    return root, None
+        return str(root / "train"), str(root / "val")
+    return splits(cfg.data)
 
 
 def train(cfg: TrainConfig, *, on_step=None) -> dict:
@@ -120,14 +124,23 @@ def train(cfg: TrainConfig, *, on_step=None) -> dict:
     if cfg.amp and cfg.amp_dtype == "fp16" and device != "cuda":
         raise UsageError("--amp-dtype fp16 needs CUDA (GradScaler); use bf16 on the CPU")
     train_root, val_root = data_roots(cfg)
-    samples, _ = scan_image_folder(train_root)  # fails early on a missing/empty dir
+    source = open_source(train_root)  # fails early on a missing/empty dir
+    samples = source.samples
+    if val_root is not None and cfg.knn_every > 0 and not bank_is_labelled(source):
+        print(
+            f"kNN monitor off: {train_root} is unlabelled (no class subdirectories); it needs "
+            "train/<class>/ and val/<class>/ folders",
+            flush=True,
+        )
+        val_root = None
     if cfg.batch_size > len(samples):
         raise UsageError(
             f"--batch-size {cfg.batch_size} is larger than the dataset ({len(samples)} images "
             f"under {train_root}); lower --batch-size"
         )
     out, resume_path = ckpt.prepare_run_dir(cfg.out, cfg.resume, cfg.preset)
-    args = (cfg, str(train_root), str(val_root) if val_root else None, str(out), resume_path)
+    write_config(cfg, out)  # the resolved config, for --config and for the record
+    args = (cfg, train_root, val_root, str(out), resume_path)
     launch(_train_rank, (*args, on_step), nprocs=cfg.gpus, device=device)
     results = torch.load(out / "results.pt", weights_only=False)
     if results.get("interrupted"):
@@ -179,7 +192,7 @@ class Trainer:
                 std=cfg.std,
                 workers=cfg.workers,
             )
-            self.num_classes = len(self.loader.classes)  # the bank is the train split
+            self.num_classes = len(self.knn_loaders[0].dataset.classes)
 
         sampler = getattr(self.loader, "batch_sampler", None)
         self.epoch_index = None  # membank: this rank's dataset indices of the epoch, in order
@@ -425,6 +438,8 @@ class Trainer:
                 flush=True,
             )
             print(f"loader: {self.loader.description}", flush=True)
+            for line in startup_notices(cfg, self.world_size, self.loader.description):
+                print(line, flush=True)
         if self.knn_random is None and self.global_step == 0:
             self.knn_random = self.knn()
             if self.is_main and self.knn_random is not None:

@@ -15,11 +15,14 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmoco.data import build_eval_loader
+from fastmoco.data.sources import bank_split
 from fastmoco.ops.distributed import all_gather_cat, world
 
 
 def build_knn_loaders(train_root, val_root, *, crop_size, mean, std, batch_size=256, workers=4):
-    """(bank loader over train, query loader over val), this rank's shard of each.
+    """(bank loader over train, query loader over val), this rank's shard of each. The bank
+    is the labelled part of the train split (sources.bank_split: all of it, but STL-10's
+    train split without its unlabeled images).
 
     Below 64 px there is no resize margin to spare (the CIFAR demo's convention): the whole
     image is resized to the crop.
@@ -36,7 +39,7 @@ def build_knn_loaders(train_root, val_root, *, crop_size, mean, std, batch_size=
     )
     if crop_size < 64:
         ev["resize_size"] = crop_size
-    return build_eval_loader(train_root, **ev), build_eval_loader(val_root, **ev)
+    return build_eval_loader(bank_split(train_root), **ev), build_eval_loader(val_root, **ev)
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:

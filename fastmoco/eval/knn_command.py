@@ -4,11 +4,10 @@
 MoCo checkpoint, a torchvision ResNet state_dict.
 """
 
-from pathlib import Path
-
 import torch
 
 from fastmoco.data import demo_dataset
+from fastmoco.data.sources import splits
 from fastmoco.engine.checkpoint_io import describe, image_settings, load_backbone
 from fastmoco.errors import UsageError
 
@@ -39,16 +38,18 @@ def knn_command(
         print(describe(p, missing=[]), flush=True)
         print(f"kNN: k={k}, t={t}", flush=True)
     img = image_settings(p)
-    root = Path(data) if data is not None else demo_dataset(seed=img["demo_seed"])
-    train_root, val_root = root / "train", root / "val"
-    for d in (train_root, val_root):
-        if not d.is_dir():
-            raise UsageError(f"--data {root}: needs train/ and val/ subdirectories ({d} missing)")
+    root = data if data is not None else demo_dataset(seed=img["demo_seed"])
+    train_split, val_split = splits(root)
+    if val_split is None:
+        raise UsageError(
+            f"--data {root}: needs train/ and val/ subdirectories (or cifar10:DIR, "
+            "cifar100:DIR, stl10:DIR)"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loaders = build_knn_loaders(
-        train_root,
-        val_root,
+        train_split,
+        val_split,
         crop_size=crop_size or img["crop_size"],
         mean=img["mean"],
         std=img["std"],
