@@ -68,21 +68,28 @@ setup(
     packages=find_packages(include=["fastmoco", "fastmoco.*"]) + ["fastmoco.kernels"],
     # kernels/ lives at the top level (Triton code only) but is imported as fastmoco.kernels.
     package_dir={"fastmoco.kernels": "kernels"},
+    license="MIT",
+    license_files=["LICENSE"],
     install_requires=[
         # torch 2.11 on the GPU machines, 2.14 on the CPU ones: keep the floor low.
         "torch>=2.4",
         "torchvision>=0.19",
-        "triton>=3.0",
+        # Triton ships for Linux only; elsewhere the ops run their torch path.
+        'triton>=3.0; platform_system == "Linux"',
         "numpy",
         "pillow",
         "tqdm",
-        "tensorboard",
-        "matplotlib",
+        "pyyaml",  # config.yaml in and out
     ],
     extras_require={
-        # DALI is ~250 MB with its codecs and only pays off with a GPU: see README.
+        # Training's TensorBoard logs and curves.png; without them a run keeps metrics.jsonl
+        # and says what it skipped. The ops alone need neither.
+        "train": ["tensorboard", "matplotlib"],
+        # DALI is ~250 MB with its codecs and only pays off with a GPU: see README. The wheel
+        # is built per CUDA major version: [dali] for CUDA 13 drivers, [dali-cuda12] for 12.
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest", "pytest-benchmark", "ruff"],
+        "dali-cuda12": ["nvidia-dali-cuda120"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "tensorboard", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -11,11 +11,14 @@ class MetricsLog:
         self.out = Path(out)
         self.tb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.out.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(self.out / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(self.out / "tb"))
+            try:  # an optional extra: pip install fastmoco[train]
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("TensorBoard not installed: metrics.jsonl only (pip install tensorboard)")
+            else:
+                self.tb = SummaryWriter(str(self.out / "tb"))
 
     def log(self, kind: str, step: int, **values) -> None:
         if not self.enabled:
@@ -24,18 +27,26 @@ class MetricsLog:
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
         for k, v in values.items():
-            if isinstance(v, int | float) and k != "epoch":
+            if self.tb is not None and isinstance(v, int | float) and k != "epoch":
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
 
 
-def plot_curves(history: list[dict], knn_random: float | None, path: Path, title: str) -> Path:
-    """Loss and kNN top-1 per epoch (with the random-init kNN as a dashed line)."""
-    import matplotlib
+def plot_curves(
+    history: list[dict], knn_random: float | None, path: Path, title: str
+) -> Path | None:
+    """Loss and kNN top-1 per epoch (with the random-init kNN as a dashed line); None without
+    matplotlib (an optional extra: pip install fastmoco[train])."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no curves.png (pip install matplotlib)")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
