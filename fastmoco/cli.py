@@ -43,7 +43,8 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
         "small_images": "3x3 stem without max-pool, for 32-64 px images",
         "frozen_patch_proj": "ViT: keep the random patch projection frozen (mocov3-vit)",
         "dim": "output feature dimension C (mocov3: 256)",
-        "mlp_hidden": "hidden width of the MLP head; 0 = v1's fc head",
+        "mlp_hidden": "hidden width of the MLP head (default: the backbone's feature width, "
+        "as the official v2; v3: 4096); 0 = v1's fc head",
     },
     "contrastive loss": {
         "queue_size": "K, negatives in the queue (membank: negatives drawn from the bank)",

@@ -17,7 +17,9 @@ class TrainConfig:
     arch: str = "resnet50"
     small_images: bool = False  # 3x3 stem, no max-pool: the CIFAR variant for 32-64 px
     dim: int = 128  # C, feature dimension
-    mlp_hidden: int = 2048  # v2's MLP head; 0 = v1's fc head
+    # v2's MLP head width; None: the backbone's feature width, as the official v2 (dim_mlp =
+    # fc.in_features: 2048 for ResNet-50, 512 for ResNet-18/34); 0: v1's fc head
+    mlp_hidden: int | None = None
     queue_size: int = 65536  # K
     moco_m: float = 0.999  # m, key-encoder momentum
     temperature: float = 0.2  # T (v1: 0.07)

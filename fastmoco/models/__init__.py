@@ -8,7 +8,14 @@ step, by the method's update (MoCo v1/v2: momentum update + enqueue; the others:
 after_step(aux, index, m)).
 """
 
-from .backbones import ARCHS, SplitBatchNorm2d, TinyResNet, build_backbone
+from .backbones import (
+    ARCHS,
+    SplitBatchNorm2d,
+    TinyResNet,
+    backbone_from,
+    build_backbone,
+    probe_feature_dim,
+)
 from .membank import MemoryBank
 from .moco import MoCo, projection_head
 from .mocov3 import MoCoV3
@@ -40,7 +47,7 @@ def build_model(cfg, *, num_samples: int = 1):
         return MoCoV3(
             cfg.arch,
             dim=cfg.dim,
-            mlp_dim=cfg.mlp_hidden,
+            mlp_dim=4096 if cfg.mlp_hidden is None else cfg.mlp_hidden,  # v3's width
             m=cfg.moco_m,
             T=cfg.temperature,
             image_size=cfg.crop_size,
@@ -77,8 +84,10 @@ __all__ = [
     "SimCLR",
     "SplitBatchNorm2d",
     "TinyResNet",
+    "backbone_from",
     "build_backbone",
     "build_model",
     "build_vit",
+    "probe_feature_dim",
     "projection_head",
 ]

@@ -122,3 +122,45 @@ def build_backbone(
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
+
+
+def probe_feature_dim(backbone: nn.Module, image_size: int = 224) -> int:
+    """D of a backbone mapping (N, 3, H, W) images to (N, D) features, read off one forward
+    of two blank images in eval mode (BatchNorm statistics untouched)."""
+    param = next(backbone.parameters(), None)
+    kw = dict(device=param.device, dtype=param.dtype) if param is not None else {}
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone(torch.zeros(2, 3, image_size, image_size, **kw))
+    backbone.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the backbone returns {shape}, not (N, D) features: drop its classifier (timm: "
+            "num_classes=0; torchvision: model.fc = nn.Identity())"
+        )
+    return int(out.shape[1])
+
+
+def backbone_from(
+    backbone: str | nn.Module,
+    *,
+    small_images: bool = False,
+    bn_splits: int = 1,
+    feat_dim: int | None = None,
+    image_size: int = 224,
+) -> tuple[nn.Module, int]:
+    """(backbone, feature width) of an arch name (build_backbone) or of an nn.Module used as
+    it is (a timm model with num_classes=0, a torchvision ResNet with fc = Identity, your own
+    network): its width is feat_dim, else probe_feature_dim at image_size."""
+    if isinstance(backbone, str):
+        return build_backbone(backbone, small_images=small_images, bn_splits=bn_splits)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone: an arch name or an nn.Module, not {type(backbone).__name__}")
+    if bn_splits > 1:
+        raise ValueError(
+            "bn_splits splits the BatchNorm of the backbones fastmoco builds: give an arch "
+            "name, or build your module with fastmoco.models.SplitBatchNorm2d layers"
+        )
+    return backbone, feat_dim or probe_feature_dim(backbone, image_size)

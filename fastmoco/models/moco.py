@@ -15,6 +15,8 @@ the same sequence of updates, since at step 0 both encoders are equal. The queue
 buffer of this module, not of the DDP-wrapped encoder, so DDP never re-broadcasts it.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,11 +24,14 @@ from torch import nn
 from fastmoco.ops import enqueue_, info_nce, momentum_update_
 from fastmoco.ops.distributed import all_gather_cat, world
 
-from .backbones import build_backbone
+from .backbones import backbone_from
 
 
-def projection_head(in_dim: int, dim: int, mlp_hidden: int) -> nn.Module:
-    """v1: one fc layer to `dim`; v2 (mlp_hidden > 0): fc-ReLU-fc, no BN (MoCo v2, Sec. 2)."""
+def projection_head(in_dim: int, dim: int, mlp_hidden: int | None) -> nn.Module:
+    """v1 (mlp_hidden 0): one fc layer to `dim`; v2: fc-ReLU-fc, no BN (MoCo v2, Sec. 2), of
+    hidden width mlp_hidden, None = in_dim (the official v2's dim_mlp = fc.in_features:
+    2048 for ResNet-50, 512 for ResNet-18/34)."""
+    mlp_hidden = in_dim if mlp_hidden is None else mlp_hidden
     if mlp_hidden <= 0:
         return nn.Linear(in_dim, dim)
     return nn.Sequential(
@@ -35,13 +40,15 @@ def projection_head(in_dim: int, dim: int, mlp_hidden: int) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """backbone -> projection head; kNN and linear eval use `backbone` alone."""
+    """backbone -> projection head; kNN and linear eval use `backbone` alone. arch: a name,
+    or an nn.Module used as the backbone (see backbones.backbone_from)."""
 
-    def __init__(self, arch, *, dim, mlp_hidden, small_images, bn_splits):
+    def __init__(self, arch, *, dim, mlp_hidden, small_images, bn_splits, feat_dim=None):
         super().__init__()
-        self.backbone, feat_dim = build_backbone(
-            arch, small_images=small_images, bn_splits=bn_splits
+        self.backbone, feat_dim = backbone_from(
+            arch, small_images=small_images, bn_splits=bn_splits, feat_dim=feat_dim
         )
+        self.feat_dim = feat_dim
         self.head = projection_head(feat_dim, dim, mlp_hidden)
 
     def forward(self, x):
@@ -51,27 +58,33 @@ class Encoder(nn.Module):
 class MoCo(nn.Module):
     def __init__(
         self,
-        arch: str = "resnet50",
+        arch: str | nn.Module = "resnet50",
         *,
         dim: int = 128,
         K: int = 65536,
         m: float = 0.999,
         T: float = 0.07,
-        mlp_hidden: int = 0,
+        mlp_hidden: int | None = 0,
         small_images: bool = False,
         shuffle_bn: bool = True,
         bn_splits: int = 1,
         seed: int = 0,
+        feat_dim: int | None = None,
     ):
-        """dim: feature dimension C; K: queue size; m: key-encoder momentum; T: temperature;
-        mlp_hidden: 0 for v1's fc head, 2048 for v2's MLP head; bn_splits: BN groups per
-        device, so shuffle BN is faithful on one device (8 simulates 8 GPUs)."""
+        """arch: a backbone name, or an nn.Module mapping images to (N, D) features (timm,
+        torchvision without fc, your own), D = feat_dim or found by one forward; the key
+        encoder gets a copy. dim: feature dimension C; K: queue size; m: key-encoder
+        momentum; T: temperature; mlp_hidden: 0 for v1's fc head, None for v2's MLP head of
+        the backbone's width (or a width); bn_splits: BN groups per device, so shuffle BN is
+        faithful on one device (8 simulates 8 GPUs)."""
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.shuffle_bn = shuffle_bn
         enc = dict(dim=dim, mlp_hidden=mlp_hidden, small_images=small_images, bn_splits=bn_splits)
-        self.encoder_q = Encoder(arch, **enc)
-        self.encoder_k = Encoder(arch, **enc)
+        self.encoder_q = Encoder(arch, feat_dim=feat_dim, **enc)
+        feat_dim = self.encoder_q.feat_dim  # probed once
+        key_arch = copy.deepcopy(arch) if isinstance(arch, nn.Module) else arch
+        self.encoder_k = Encoder(key_arch, feat_dim=feat_dim, **enc)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.encoder_k.requires_grad_(False)
 

@@ -37,7 +37,7 @@ from torch import nn
 from fastmoco.ops import info_nce, momentum_update_
 from fastmoco.ops.distributed import all_gather_cat, world
 
-from .backbones import build_backbone
+from .backbones import backbone_from
 from .vit import VIT_ARCHS, build_vit
 
 
@@ -86,11 +86,11 @@ def v3_encoders(
     arch, *, dim, mlp_dim, small_images, image_size, frozen_patch_proj
 ) -> tuple[PredictorEncoder, ProjectedEncoder]:
     """(query encoder with predictor, momentum encoder), the latter a copy without predictor."""
-    if arch in VIT_ARCHS:
+    if isinstance(arch, str) and arch in VIT_ARCHS:
         backbone, feat = build_vit(arch, image_size=image_size, frozen_patch_proj=frozen_patch_proj)
         proj_layers, pred_last_bn = 3, True
-    else:
-        backbone, feat = build_backbone(arch, small_images=small_images)
+    else:  # a ResNet name, or an nn.Module backbone (ResNet-style heads)
+        backbone, feat = backbone_from(arch, small_images=small_images, image_size=image_size)
         proj_layers, pred_last_bn = 2, False
     projector = build_mlp(proj_layers, feat, mlp_dim, dim)
     predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=pred_last_bn)
