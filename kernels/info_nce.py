@@ -61,83 +61,18 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _info_nce_tiles as tiles
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# FASTMOCO_PIN_TILES=1: every kernel runs the first tile of its list that fits, untuned, so
-# a short device check compiles one variant per kernel and shape instead of the whole list.
-_PIN_TILES = os.environ.get("FASTMOCO_PIN_TILES") == "1"
 _MAX_SPLITS = 32  # caps the (splits, N, C) fp32 buffer of dq at 32 * N * C * 4 bytes
 # fp32 dots when TF32 is off: three TF32 products (Triton's "tf32x3") give fp32's accuracy
 # on tensor cores; "ieee" compiles to FMA loops that spill (tools/kernel_report.py).
 FP32_PRECISION = "tf32x3"
-_SHARED_LIMIT = 232_448  # bytes per CTA on sm_90 (H100/H200), the dynamic maximum
-
-
-def _configs(*tiles):
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in tiles
-    ]
-
-
-# (BLOCK_N, BLOCK_K, warps, stages), best first; _prune keeps those that fit. Kept short
-# because every new (N, K) tunes again. The 8-warp 32-row tiles are for fp32 operands.
-GPU_ROW_CONFIGS = _configs(
-    (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-    (32, 64, 8, 3), (32, 64, 4, 3), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 1),
-)  # fmt: skip
-GPU_KEY_CONFIGS = _configs(
-    (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 32, 8, 3), (32, 64, 4, 3),
-    (32, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1),
-)  # fmt: skip
-_ROW_CONFIGS = _configs((16, 16, 1, 1)) if _INTERPRET else GPU_ROW_CONFIGS
-_KEY_CONFIGS = _configs((16, 16, 1, 1)) if _INTERPRET else GPU_KEY_CONFIGS
-
-
 # Autotuning keys: sizes and every mode that changes the compiled code, the dot precision
 # included (a tile tuned with TF32 must not be reused for tf32x3); Triton adds the dtypes.
 _TUNE_KEY = ["N", "M", "BLOCK_C", "NORM_S", "EXCL_SELF", "DOT_F32", "PRECISION", "INT64"]
 _TUNE_KEY_PROB = _TUNE_KEY + ["PROB_F32", "PROB_PRECISION"]
-
-
-def _shared_bytes(config, block_c, elt):
-    """An upper bound of the shared memory a config takes: (stages + 1) buffers of both
-    tiles of dot operands. Fitted to the sizes of tools/kernel_report.py's launch-like
-    compiles (which the CI test checks against the limit), e.g. 163,840 B compiled for
-    the fp32 C = 512 dstream kernel at 16 x 32, one stage, against 196,608 B here."""
-    bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    return (max(1, config.num_stages) + 1) * (bn + bk) * block_c * elt
-
-
-def _registers_per_thread(config, block_c, key_rows):
-    """Elements per thread of the live tiles: the fp32 accumulator (twice: it is read
-    and rewritten), the streamed tile and the logits. Rows are BLOCK_N, or BLOCK_K for the
-    dstream kernel, whose accumulator is per key."""
-    bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    rows, other = (bk, bn) if key_rows else (bn, bk)
-    return (2 * rows * block_c + other * block_c + bn * bk) / (32 * config.num_warps)
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep the tiles that fit: registers (the per-thread estimate at most 256 for 16-bit
-    operands, 80 for fp32 ones: tf32x3 splits each operand in two; both limits fitted to
-    tools/kernel_report.py, below them nothing spills at C = 128) and shared memory
-    (_shared_bytes <= the sm_90 limit: fp32 at C = 512 could not launch before). If none
-    fits, the smallest tile. With FASTMOCO_PIN_TILES=1, only the first kept."""
-    block_c = kwargs.get("BLOCK_C") or named_args.get("BLOCK_C") or 128
-    q = named_args.get("Q")
-    wide = kwargs.get("DOT_F32") or getattr(q, "dtype", None) == torch.float32
-    budget, elt = (80, 4) if wide else (256, 2)
-    key_rows = "DS" in named_args  # the dstream kernel
-
-    kept = [
-        c
-        for c in configs
-        if _registers_per_thread(c, block_c, key_rows) <= budget
-        and _shared_bytes(c, block_c, elt) <= _SHARED_LIMIT
-    ]
-    if not kept:
-        kept = [min(configs, key=lambda c: (_shared_bytes(c, block_c, elt), -c.num_warps))]
-    return kept[:1] if _PIN_TILES else kept
+_PRUNE = {"early_config_prune": tiles.prune}  # candidate tiles: kernels/_info_nce_tiles.py
 
 
 @triton.jit
@@ -202,9 +137,7 @@ def _split_offsets(split, rows, cols_c, N, C, INT64: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_ROW_CONFIGS,
-    key=_TUNE_KEY_PROB + ["FUSE_DQ"],
-    prune_configs_by={"early_config_prune": _prune},
+    configs=tiles.ROW_CONFIGS, key=_TUNE_KEY_PROB + ["FUSE_DQ"], prune_configs_by=_PRUNE
 )
 @triton.jit
 def _forward_kernel(
@@ -321,9 +254,7 @@ def _finalize_kernel(
         tl.store(DQ_OUT + rows[:, None] * C + cols_c[None, :], d_qhat, mask=mask_c)
 
 
-@triton.autotune(
-    configs=_ROW_CONFIGS, key=_TUNE_KEY_PROB, prune_configs_by={"early_config_prune": _prune}
-)
+@triton.autotune(configs=tiles.ROW_CONFIGS, key=_TUNE_KEY_PROB, prune_configs_by=_PRUNE)
 @triton.jit
 def _dq_kernel(
     Q, S, LSE, DQ_PART,
@@ -358,9 +289,7 @@ def _dq_kernel(
     tl.store(DQ_PART + offs, acc, mask=mask_n[:, None] & (cols_c[None, :] < C))
 
 
-@triton.autotune(
-    configs=_KEY_CONFIGS, key=_TUNE_KEY_PROB, prune_configs_by={"early_config_prune": _prune}
-)
+@triton.autotune(configs=tiles.KEY_CONFIGS, key=_TUNE_KEY_PROB, prune_configs_by=_PRUNE)
 @triton.jit
 def _dstream_kernel(
     Q, S, LSE, G, DS,

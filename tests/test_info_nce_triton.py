@@ -24,6 +24,7 @@ import torch
 from helpers import Allocations, assert_close, rel_mismatch
 from test_info_nce import loss_and_grads, make_queue
 
+from fastmoco.kernels import _info_nce_tiles as tiles
 from fastmoco.kernels import info_nce as kernels
 from fastmoco.ops import info_nce, nt_xent
 from fastmoco.ops.reference import info_nce_reference, nt_xent_reference
@@ -470,7 +471,7 @@ def test_kernels_compile_launch_like_for_h100():
     assert len(rows) == 12, out.stdout  # moco: forward + finalize; general: all four; x 2
     for r in rows:
         name = f"{r['kernel']} {r['case']} {r['dtype']}"
-        assert int(r["shared (B)"]) <= kernels._SHARED_LIMIT, f"{name} cannot launch"
+        assert int(r["shared (B)"]) <= tiles.SHARED_LIMIT, f"{name} cannot launch"
         if r["dtype"] == "bf16" or r["C"] == "128":
             assert int(r["stack (spills)"]) == 0, f"{name} spills:\n{out.stdout}"
     (moco_bf16,) = [
@@ -549,13 +550,13 @@ def test_pinned_tiles_keep_one_config_per_kernel(monkeypatch):
     """FASTMOCO_PIN_TILES=1 (read at import) reduces each autotune list to its first
     fitting tile, so a device check compiles one variant per kernel and shape."""
     q = torch.empty(1, 1, device="meta", dtype=torch.bfloat16)
-    assert len(kernels._prune(kernels.GPU_ROW_CONFIGS, {"Q": q}, BLOCK_C=128)) > 1
-    monkeypatch.setattr(kernels, "_PIN_TILES", True)
-    for configs in (kernels.GPU_ROW_CONFIGS, kernels.GPU_KEY_CONFIGS):
+    assert len(tiles.prune(tiles.GPU_ROW_CONFIGS, {"Q": q}, BLOCK_C=128)) > 1
+    monkeypatch.setattr(tiles, "PIN_TILES", True)
+    for configs in (tiles.GPU_ROW_CONFIGS, tiles.GPU_KEY_CONFIGS):
         for C in (128, 512, 1024):
-            assert len(kernels._prune(configs, {"Q": q}, BLOCK_C=C)) == 1
+            assert len(tiles.prune(configs, {"Q": q}, BLOCK_C=C)) == 1
     env = {**os.environ, "FASTMOCO_PIN_TILES": "1"}
-    code = "from fastmoco.kernels import info_nce as k; print(k._PIN_TILES)"
+    code = "from fastmoco.kernels import _info_nce_tiles as t; print(t.PIN_TILES)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
 
@@ -564,7 +565,7 @@ def test_fp32_wide_features_fit_shared_memory():
     """fp32 at C = 512 (and 1024): every tile kept fits sm_90's shared memory by the
     estimate (which the launch-like compile test checks against real sizes)."""
     f32 = torch.empty(1, 1, device="meta", dtype=torch.float32)
-    for configs, extra in ((kernels.GPU_ROW_CONFIGS, {}), (kernels.GPU_KEY_CONFIGS, {"DS": 1})):
+    for configs, extra in ((tiles.GPU_ROW_CONFIGS, {}), (tiles.GPU_KEY_CONFIGS, {"DS": 1})):
         for C in (128, 512):
-            for c in kernels._prune(configs, {"Q": f32, **extra}, BLOCK_C=C):
-                assert kernels._shared_bytes(c, C, 4) <= kernels._SHARED_LIMIT, (C, c)
+            for c in tiles.prune(configs, {"Q": f32, **extra}, BLOCK_C=C):
+                assert tiles.shared_bytes(c, C, 4) <= tiles.SHARED_LIMIT, (C, c)

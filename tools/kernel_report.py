@@ -43,7 +43,6 @@ _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _KERNELS = ("_forward_kernel", "_finalize_kernel", "_dq_kernel", "_dstream_kernel")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 H200_SMS = 132
-SHARED_LIMIT = K._SHARED_LIMIT
 
 
 def record_launches(case, dtype):
