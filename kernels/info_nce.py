@@ -367,7 +367,8 @@ def _last_offset(t):
 
 
 @functools.cache
-def _flag_table(q_dtype, p_dtype, s_dtype, norm_qp, norm_s, excl_self, shifted, tf32, C):
+def _flag_table(q_dtype, p_dtype, s_dtype, norm_qp, norm_s, excl_self, shifted, tf32, C, int64):
+    """The constexprs (one dict per combination, shared: read-only)."""
     dtypes = {q_dtype, p_dtype, s_dtype}
     dot_f32 = len(dtypes) > 1 or (_INTERPRET and torch.bfloat16 in dtypes)
     # Backward's probabilities go through the dot in fp32 for fp16 inputs: p_ij ~ 1/K is
@@ -381,19 +382,18 @@ def _flag_table(q_dtype, p_dtype, s_dtype, norm_qp, norm_s, excl_self, shifted, 
         NORM_QP=norm_qp, NORM_S=norm_s, EXCL_SELF=excl_self, EXCL_SHIFT=shifted,
         DOT_F32=dot_f32, PRECISION=precision(dot_f32 or torch.float32 in dtypes),
         PROB_F32=prob_f32, PROB_PRECISION=precision(prob_f32 or s_dtype == torch.float32),
-        BLOCK_C=max(16, _pow2(C)),
+        BLOCK_C=max(16, _pow2(C)), INT64=int64,
     )  # fmt: skip
 
 
 def _flags(q, p, s, norm_qp, norm_s, excl_self, shift, out):
     """The kernels' constexprs for these inputs (cached: this runs on every call)."""
     tf32 = q.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    modes = (norm_qp, norm_s, excl_self, shift >= 0, tf32, q.shape[1])
-    flags = dict(_flag_table(q.dtype, p.dtype, s.dtype, *modes))
     # int32 addresses overflow once an offset reaches 2**31: K * C >= 2**31 for a queue, or
     # splits * N * C for the dq partials (out); q and p (N x C) stay far below
-    flags["INT64"] = max(_last_offset(s), out.numel()) >= 2**31 - 1
-    return flags
+    int64 = max(_last_offset(s), out.numel()) >= 2**31 - 1
+    modes = (norm_qp, norm_s, excl_self, shift >= 0, tf32, q.shape[1], int64)
+    return _flag_table(q.dtype, p.dtype, s.dtype, *modes)
 
 
 @functools.cache

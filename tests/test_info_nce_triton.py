@@ -510,13 +510,13 @@ def test_dot_flags_follow_the_inputs():
     table = kernels._flag_table.__wrapped__
     modes = (True, False, False, False)
     for dtype in (torch.float16, torch.float32):
-        assert table(dtype, dtype, dtype, *modes, False, 128)["DOT_F32"] is False
-    assert table(torch.float16, torch.float32, torch.float16, *modes, False, 128)["DOT_F32"]
+        assert table(dtype, dtype, dtype, *modes, False, 128, False)["DOT_F32"] is False
+    assert table(torch.float16, torch.float32, torch.float16, *modes, False, 128, False)["DOT_F32"]
     f32 = torch.float32
-    assert table(f32, f32, f32, *modes, False, 128)["PRECISION"] == kernels.FP32_PRECISION
-    assert table(f32, f32, f32, *modes, True, 128)["PRECISION"] == "tf32"
+    assert table(f32, f32, f32, *modes, False, 128, False)["PRECISION"] == kernels.FP32_PRECISION
+    assert table(f32, f32, f32, *modes, True, 128, False)["PRECISION"] == "tf32"
     half = torch.float16
-    assert table(half, half, half, *modes, False, 128)["PRECISION"] == "tf32"  # unused
+    assert table(half, half, half, *modes, False, 128, False)["PRECISION"] == "tf32"  # unused
 
 
 def test_autotune_key_includes_the_dot_precision():
