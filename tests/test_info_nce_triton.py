@@ -117,7 +117,7 @@ BOUND = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 5e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(
     "N,K,C,in_batch",
     [(1, 1, 3, False), (37, 101, 40, False), (5, 300, 129, False), (40, None, 24, True)],
