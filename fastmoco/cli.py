@@ -112,7 +112,9 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
         "channels_last": "NHWC memory format",
     },
     "kNN monitor (weighted kNN on DIR/val, bank = DIR/train)": {
-        "knn_every": "epochs between kNN evaluations (0: off)",
+        "knn_every": "epochs between kNN evaluations; 0: off; default: the fewest that keep "
+        "the monitor under 5%% of the images training reads (every 3 epochs on ImageNet)",
+        "knn_bank": "bank size: at most this many train images, a fixed random subset (0: all)",
         "knn_k": "neighbours",
         "knn_t": "temperature of the neighbours' votes",
     },

@@ -61,7 +61,12 @@ class TrainConfig:
     # --- evaluation: weighted kNN (InstDisc) on the val split ---
     knn_k: int = 200
     knn_t: float = 0.1
-    knn_every: int = 1  # epochs; 0 disables the per-epoch monitor
+    # epochs between kNN runs; 0: off; None: the fewest epochs that keep the monitor's
+    # images (bank + val) under 5% of the images training reads (eval.knn.knn_cadence)
+    knn_every: int | None = None
+    # the bank: at most this many train images, a fixed random subset (0: all); with
+    # ImageNet's 50k val images a run reads 150k images, not 1.33M
+    knn_bank: int = 100_000
     # --- run ---
     device: str = "auto"  # auto, cpu, cuda
     gpus: int = 1  # local processes, one per GPU (--gpus N spawns N ranks)

@@ -65,6 +65,7 @@ def tiny_train_config(data, out, **kw) -> TrainConfig:
         batch_size=8,
         lr=0.06,
         knn_k=5,
+        knn_every=1,
         data=str(data),
         out=str(out),
         progress=False,

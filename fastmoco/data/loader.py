@@ -219,18 +219,21 @@ def build_eval_loader(
     std: Sequence[float] = IMAGENET_STD,
     rank: int = 0,
     world_size: int = 1,
+    indices: Sequence[int] | None = None,
 ) -> DataLoader:
-    """(images, targets) in file order, every image once; rank r gets images r, r + W, ...
+    """(images, targets) in file order, every image once (of `indices` when given); rank r
+    gets images r, r + W, ...
 
     No padding and no drop_last, so the kNN bank and queries are exactly the split (ranks may
     differ by one image in count).
     """
     transform = eval_transform(crop_size, resize_size, mean, std)
     dataset = ImageFolderDataset(root, transform)
+    order = range(len(dataset)) if indices is None else indices
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=range(rank, len(dataset), world_size),
+        sampler=order[rank::world_size],
         num_workers=workers,
         collate_fn=collate_eval,
         pin_memory=torch.cuda.is_available(),

@@ -22,7 +22,7 @@ from fastmoco.data import build_train_loader, demo_dataset
 from fastmoco.data.augment import RECIPES
 from fastmoco.data.sources import bank_is_labelled, open_source, splits
 from fastmoco.errors import UsageError
-from fastmoco.eval.knn import build_knn_loaders, knn_accuracy
+from fastmoco.eval.knn import build_knn_loaders, knn_accuracy, knn_cadence
 from fastmoco.models import ALL_ARCHS, METHODS, MoCo, build_model
 from fastmoco.ops.distributed import world
 
@@ -126,6 +126,10 @@ def train(cfg: TrainConfig, *, on_step=None) -> dict:
     train_root, val_root = data_roots(cfg)
     source = open_source(train_root)  # fails early on a missing/empty dir
     samples = source.samples
+    if cfg.knn_every is None:  # automatic cadence: the monitor under 5% of the image reads
+        n_val = len(open_source(val_root).samples) if val_root else 0
+        n_bank = min(len(samples), cfg.knn_bank) if cfg.knn_bank > 0 else len(samples)
+        cfg = cfg.replace(knn_every=knn_cadence(len(samples), n_bank, n_val))
     if val_root is not None and cfg.knn_every > 0 and not bank_is_labelled(source):
         print(
             f"kNN monitor off: {train_root} is unlabelled (no class subdirectories); it needs "
@@ -191,6 +195,8 @@ class Trainer:
                 mean=cfg.mean,
                 std=cfg.std,
                 workers=cfg.workers,
+                bank_size=cfg.knn_bank,
+                seed=cfg.seed,
             )
             self.num_classes = len(self.knn_loaders[0].dataset.classes)
 

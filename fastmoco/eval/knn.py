@@ -9,6 +9,8 @@ all-gathered, so every rank computes the same accuracy and none idles at a barri
 the length of a whole extraction (which at ImageNet size can outlast NCCL's timeout).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,11 +20,34 @@ from fastmoco.data import build_eval_loader
 from fastmoco.data.sources import bank_split
 from fastmoco.ops.distributed import all_gather_cat, world
 
+# The monitor's share of training's image reads that the automatic cadence keeps below.
+KNN_SHARE = 0.05
 
-def build_knn_loaders(train_root, val_root, *, crop_size, mean, std, batch_size=256, workers=4):
+
+def knn_cadence(n_train: int, n_bank: int, n_val: int) -> int:
+    """Epochs between kNN runs so that the monitor reads at most KNN_SHARE as many images as
+    training does (bank + val per run against n_train per epoch). Image reads bound the cost
+    from above: training also runs 3 of its 4 forward-equivalents per image (backward, the key
+    encoder) that the monitor does not. ImageNet (bank 100k of 1.28M, 50k val): every 3
+    epochs, 3.9 %."""
+    return max(1, math.ceil((n_bank + n_val) / (KNN_SHARE * n_train)))
+
+
+def bank_indices(n: int, bank_size: int, seed: int = 0) -> list[int] | None:
+    """A fixed random subset of bank_size of range(n), sorted; None (all) when it fits."""
+    if bank_size <= 0 or n <= bank_size:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:bank_size].tolist())
+
+
+def build_knn_loaders(
+    train_root, val_root, *, crop_size, mean, std, batch_size=256, workers=4, bank_size=0, seed=0
+):
     """(bank loader over train, query loader over val), this rank's shard of each. The bank
     is the labelled part of the train split (sources.bank_split: all of it, but STL-10's
-    train split without its unlabeled images).
+    train split without its unlabeled images), at most bank_size of its images (a subset
+    fixed by seed; 0: all).
 
     Below 64 px there is no resize margin to spare (the CIFAR demo's convention): the whole
     image is resized to the crop.
@@ -39,7 +64,11 @@ def build_knn_loaders(train_root, val_root, *, crop_size, mean, std, batch_size=
     )
     if crop_size < 64:
         ev["resize_size"] = crop_size
-    return build_eval_loader(bank_split(train_root), **ev), build_eval_loader(val_root, **ev)
+    bank = build_eval_loader(bank_split(train_root), **ev)
+    subset = bank_indices(len(bank.dataset), bank_size, seed)
+    if subset is not None:
+        bank = build_eval_loader(bank_split(train_root), indices=subset, **ev)
+    return bank, build_eval_loader(val_root, **ev)
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +85,18 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, loader, device, *, channels_last=False, progress=False, desc="features"
+    backbone: nn.Module,
+    loader,
+    device,
+    *,
+    channels_last=False,
+    progress=False,
+    desc="features",
+    gather=True,
+    dtype=torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features N x D unit rows, labels N) of every rank's shard, backbone in eval mode."""
+    """(features N x D unit rows in dtype, labels N), backbone in eval mode: every rank's
+    shard (gather) or this rank's only."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
@@ -66,10 +104,32 @@ def extract_features(
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x, y = batch[0], batch[1]
         x = x.to(device, non_blocking=True, memory_format=mf)
-        feats.append(F.normalize(backbone(x).float(), dim=1))
+        feats.append(F.normalize(backbone(x).float(), dim=1).to(dtype))
         labels.append(y.to(device))
     backbone.train(was_training)
-    return gather_rows(torch.cat(feats)), gather_rows(torch.cat(labels))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    return (gather_rows(feats), gather_rows(labels)) if gather else (feats, labels)
+
+
+def _top_k(query, bank, bank_labels, k, bank_chunk=65536):
+    """(similarities, labels) of each query row's k nearest bank rows (k <= len(bank)); the
+    bank may be fp16: it is read in fp32 chunks, so the product is fp32 throughout."""
+    best_sim = best_lab = None
+    for start in range(0, bank.shape[0], bank_chunk):
+        part = bank[start : start + bank_chunk].float()
+        sim = query.float() @ part.T
+        labels = bank_labels[start : start + bank_chunk].expand(query.shape[0], -1)
+        if best_sim is not None:
+            sim, labels = torch.cat([best_sim, sim], 1), torch.cat([best_lab, labels], 1)
+        best_sim, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+        best_lab = labels.gather(1, idx)
+    return best_sim, best_lab
+
+
+def _votes(top_sim, top_lab, num_classes, t):
+    votes = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
+    votes.scatter_add_(1, top_lab, (top_sim / t).exp())
+    return votes.argmax(1)
 
 
 @torch.no_grad()
@@ -86,11 +146,38 @@ def knn_predict(
     k = min(k, bank.shape[0])
     preds = []
     for qc in query.split(chunk):
-        sim = qc @ bank.T  # chunk x M
-        top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(qc.shape[0], num_classes, device=qc.device, dtype=sim.dtype)
-        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / t).exp())
-        preds.append(votes.argmax(1))
+        preds.append(_votes(*_top_k(qc, bank, bank_labels, k), num_classes, t))
+    return torch.cat(preds)
+
+
+@torch.no_grad()
+def knn_predict_sharded(
+    query: torch.Tensor,
+    bank_shard: torch.Tensor,
+    shard_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    t: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """knn_predict with the bank split across ranks (each holds its shard; query is the same
+    on all): every rank finds its shard's k nearest, the candidates are all-gathered and
+    the k best of them vote. No rank ever holds the whole bank."""
+    _, world_size = world()
+    n = shard_labels.new_tensor([bank_shard.shape[0]])
+    k = min(k, int(all_gather_cat(n).sum()))
+    preds = []
+    for qc in query.split(chunk):
+        sim, lab = _top_k(qc, bank_shard, shard_labels, k)
+        if sim.shape[1] < k:  # a shard smaller than k: pad with never-chosen candidates
+            pad = k - sim.shape[1]
+            sim = torch.cat([sim, sim.new_full((sim.shape[0], pad), -float("inf"))], 1)
+            lab = torch.cat([lab, lab.new_zeros((lab.shape[0], pad))], 1)
+        if world_size > 1:  # (W * Q) x k -> Q x (W * k)
+            sim = all_gather_cat(sim).view(world_size, *sim.shape).transpose(0, 1).flatten(1)
+            lab = all_gather_cat(lab).view(world_size, *lab.shape).transpose(0, 1).flatten(1)
+        top_sim, idx = sim.topk(k, dim=1)
+        preds.append(_votes(top_sim, lab.gather(1, idx), num_classes, t))
     return torch.cat(preds)
 
 
@@ -107,7 +194,9 @@ def knn_accuracy(
     channels_last: bool = False,
     progress: bool = False,
 ) -> float:
-    """Top-1 accuracy in percent of the weighted kNN classifier on the val split."""
+    """Top-1 accuracy in percent of the weighted kNN classifier on the val split. The bank
+    stays sharded across ranks, in fp16 on CUDA (ImageNet's 1.28M x 2048 would be 10 GB per
+    rank gathered in fp32); the queries are gathered."""
     bank, bank_labels = extract_features(
         backbone,
         train_loader,
@@ -115,6 +204,8 @@ def knn_accuracy(
         channels_last=channels_last,
         progress=progress,
         desc="kNN bank",
+        gather=False,
+        dtype=torch.float16 if torch.device(device).type == "cuda" else torch.float32,
     )
     query, labels = extract_features(
         backbone,
@@ -124,5 +215,5 @@ def knn_accuracy(
         progress=progress,
         desc="kNN val",
     )
-    pred = knn_predict(query, bank, bank_labels, num_classes, k, t)
+    pred = knn_predict_sharded(query, bank, bank_labels, num_classes, k, t)
     return 100.0 * (pred == labels).float().mean().item()
