@@ -12,7 +12,8 @@ which chunk it owns:
     chunk table (n rows):    tensor index, first element          (n = sum ceil(numel / BLOCK))
 
 The table is built once per model (EmaPlan, cached by the caller on the tensors' addresses)
-and reused every step, so a step is one launch with no host work but the launch itself.
+and reused every step, with the launch's arguments precomputed, so a step is one launch
+with no host work but the launch itself. Each table segment starts 16-byte aligned.
 
 lerp is computed the way torch.lerp does, so w = 0 leaves theta_k exactly and w = 1 gives
 theta_q exactly:  w < 0.5:  t + w (s - t);   else  s - (s - t)(1 - w).  Arithmetic runs in
@@ -29,6 +30,7 @@ to torch._foreach_lerp_ for the others); under TRITON_INTERPRET=1 the table's ad
 dereferenced on the host, so only CPU tensors work there (which is how the tests run).
 """
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -38,7 +40,11 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The interpreter runs programs one at a time with numpy: fewer, larger chunks are faster.
+# The one config: no autotuning (a streaming kernel at 12 B per element has no tile to
+# tune), so FASTMOCO_PIN_TILES=1, the device check's "one config per kernel" switch, has
+# nothing to pin here. Variants compiled: one per (dtype, momentum as a float or a tensor,
+# addresses 16-byte aligned or not). The interpreter runs programs one at a time with
+# numpy: fewer, larger chunks are faster there.
 BLOCK = 65536 if _INTERPRET else 4096
 NUM_WARPS = 8
 
@@ -101,18 +107,27 @@ def _ema_kernel(
 
 @dataclass(frozen=True)
 class EmaPlan:
-    """The device tables for one list of (target, source) tensors of one dtype and device.
+    """The device tables for one list of (target, source) tensors of one dtype and device,
+    with everything a launch needs precomputed (ema_ adds only the momentum).
 
     Holds addresses, not tensors: the caller keys its cache on those addresses (and sizes),
     so a plan is reused exactly while the model's storage stays where it was.
     """
 
-    table: torch.Tensor  # int64 [3 T + 2 n] on the tensors' device
+    table: torch.Tensor  # int64 on the tensors' device: the five segments below, padded
+    segments: tuple  # views of table: target addrs, source addrs, numels, chunk tensor, start
     num_tensors: int
     num_chunks: int
     dtype: torch.dtype
     aligned: bool
     block: int
+    meta: dict  # the launch's constexprs and num_warps
+
+
+def _padded(values: list[int]) -> list[int]:
+    """values with a 0 appended to an odd length: every segment then starts 16-byte aligned,
+    so Triton compiles one variant for all five table pointers (it specialises on that)."""
+    return values + [0] * (len(values) % 2)
 
 
 def build_ema_plan(targets, sources, block: int = BLOCK) -> EmaPlan:
@@ -131,16 +146,31 @@ def build_ema_plan(targets, sources, block: int = BLOCK) -> EmaPlan:
         starts = range(0, n, block)
         chunk_tensor.extend([i] * len(starts))
         chunk_start.extend(starts)
-    host = torch.tensor(t_addrs + s_addrs + numels + chunk_tensor + chunk_start, dtype=torch.int64)
+    columns = [t_addrs, s_addrs, numels, chunk_tensor, chunk_start]
+    host = torch.tensor([v for col in columns for v in _padded(col)], dtype=torch.int64)
+    table = host.to(device)
+    segments, offset = [], 0
+    for col in columns:
+        segments.append(table[offset : offset + len(col)])
+        offset += len(_padded(col))
     aligned = all(a % 16 == 0 for a in t_addrs + s_addrs)
-    return EmaPlan(
-        table=host.to(device),
-        num_tensors=len(pairs),
-        num_chunks=len(chunk_tensor),
-        dtype=dtype,
-        aligned=aligned,
-        block=block,
+    meta = dict(
+        DTYPE=_TL_DTYPES[dtype],
+        COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+        ALIGNED=aligned,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
     )
+    return EmaPlan(table, tuple(segments), len(pairs), len(chunk_tensor), dtype, aligned, block,
+                   meta)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_halves(momentum: float) -> tuple[float, float]:
+    """w = 1 - m as w_hi (w rounded to fp32) + w_lo, so an fp64 group gets ~48 bits of w."""
+    w = 1.0 - momentum
+    w_hi = struct.unpack("f", struct.pack("f", w))[0]
+    return w_hi, w - w_hi
 
 
 def ema_(plan: EmaPlan, momentum: float | torch.Tensor) -> None:
@@ -150,29 +180,12 @@ def ema_(plan: EmaPlan, momentum: float | torch.Tensor) -> None:
     """
     if plan.num_chunks == 0:
         return
-    T, n = plan.num_tensors, plan.num_chunks
-    table = plan.table
-    t_addrs, s_addrs, numels = table[:T], table[T : 2 * T], table[2 * T : 3 * T]
-    chunk_tensor, chunk_start = table[3 * T : 3 * T + n], table[3 * T + n :]
-    in_tensor = isinstance(momentum, torch.Tensor)
-    w_hi = w_lo = 0.0
-    if not in_tensor:
-        w = 1.0 - float(momentum)
-        w_hi = struct.unpack("f", struct.pack("f", w))[0]  # w rounded to fp32
-        w_lo = w - w_hi
-    _ema_kernel[(n,)](
-        t_addrs,
-        s_addrs,
-        numels,
-        chunk_tensor,
-        chunk_start,
-        momentum if in_tensor else table,  # an unused pointer argument when m is a float
-        w_hi,
-        w_lo,
-        DTYPE=_TL_DTYPES[plan.dtype],
-        COMPUTE=tl.float64 if plan.dtype == torch.float64 else tl.float32,
-        MOMENTUM_IN_TENSOR=in_tensor,
-        ALIGNED=plan.aligned,
-        BLOCK=plan.block,
-        num_warps=NUM_WARPS,
-    )
+    if isinstance(momentum, torch.Tensor):
+        _ema_kernel[(plan.num_chunks,)](
+            *plan.segments, momentum, 0.0, 0.0, MOMENTUM_IN_TENSOR=True, **plan.meta
+        )
+    else:  # plan.table: an unused pointer argument
+        w_hi, w_lo = _weight_halves(float(momentum))
+        _ema_kernel[(plan.num_chunks,)](
+            *plan.segments, plan.table, w_hi, w_lo, MOMENTUM_IN_TENSOR=False, **plan.meta
+        )

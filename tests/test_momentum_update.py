@@ -1,7 +1,11 @@
-"""momentum_update_ against the official per-parameter loop (fastmoco.ops.reference).
+"""momentum_update_ against m * t + (1 - m) * s computed in float64.
 
-lerp and the reference's m*t + (1-m)*s are the same number up to rounding, so results are
-compared at a few ulps of the operands: |diff| <= 4 eps (|t| + |s|) per element.
+Results are compared by relative norm error, ||got - ref|| / ||ref|| (tests/helpers.py), at
+a tolerance a few times the storage dtype's rounding (EMA_TOL), so that a zeroed result, a
+1%-scaled one and a skipped update (got = t, off by (1 - m) ||s - t||) all fail:
+test_ema_check_fails_on_wrong_results shows it for every dtype. bf16 and fp16 checks use
+m <= 0.99, where a skipped update is >= 1% of the value (at m = 0.999 it would be 0.1%,
+below bf16's rounding). m = 0 and m = 1 must give the source and the target exactly.
 The Triton kernel (kernels/ema.py, backend="triton") runs on CPU tensors in the Triton
 interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU driver); the
 interpreter's fp32 -> bf16 conversion is checked only to that same bound, the GPU tests
@@ -10,17 +14,19 @@ check bf16 on the device.
 
 import copy
 import functools
+import gc
 import os
+import weakref
 
 import pytest
 import torch
+from helpers import assert_rel_close
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet18
 
 import fastmoco.ops.momentum_update as momentum_update_module
 from fastmoco.ops import momentum_update_
-from fastmoco.ops.reference import momentum_update_reference
 
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton_here = pytest.mark.skipif(
@@ -39,21 +45,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def assert_ema_close(got, want, target, source, name, show=5):
-    """got vs want within 4 ulps of the operands; lists the first mismatches."""
-    eps = torch.finfo(got.dtype).eps
-    tol = 4 * eps * (target.double().abs() + source.double().abs()) + 1e-300
-    err = (got.double() - want.double()).abs()
-    bad = ~(err <= tol)
-    if bad.any():
-        rows = [
-            f"  {tuple(i.tolist())}: got {got[tuple(i)].item():.10g}, "
-            f"want {want[tuple(i)].item():.10g}"
-            for i in bad.nonzero()[:show]
-        ]
-        pytest.fail(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements off; first:\n" + "\n".join(rows)
-        )
+# A few times each dtype's rounding; bf16 above 2^-7, the worst relative error of one
+# element when the fp32 -> bf16 conversion truncates (as the interpreter's does).
+EMA_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+
+
+def ema_reference(target, source, m) -> torch.Tensor:
+    """m * target + (1 - m) * source in float64 (a tensor m as the number it holds)."""
+    m = float(m)
+    return target.detach().double() * m + source.detach().double() * (1.0 - m)
+
+
+def check_ema(got, target, source, m, name) -> None:
+    """got (the updated target) against the float64 update of its old value `target`."""
+    assert got.dtype == target.dtype, f"{name}: dtype {got.dtype} != {target.dtype}"
+    assert_rel_close(got, ema_reference(target, source, m), EMA_TOL[got.dtype], name)
 
 
 @functools.cache
@@ -82,14 +88,11 @@ def test_resnet18_parameter_list_matches_reference(m, as_tensor):
     targets = [p.detach() for p in target.parameters()]
     sources = [p.detach() for p in source.parameters()]
     before = [t.clone() for t in targets]
-    want = [t.clone() for t in targets]
     momentum = torch.tensor(m) if as_tensor else m
-    # A tensor momentum is the fp32 number it holds: the reference gets that same value.
-    momentum_update_reference(want, sources, float(momentum))
     momentum_update_(targets, sources, momentum)
     assert len(targets) == 62
-    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
-        assert_ema_close(got, w, t0, s, name=f"param {i}")
+    for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+        check_ema(got, t0, s, momentum, name=f"param {i}")
     if m == 1.0:
         assert all(torch.equal(t, t0) for t, t0 in zip(targets, before, strict=True))
     if m == 0.0:
@@ -106,9 +109,7 @@ def test_resnet18_modules_and_buffer_modes(buffers):
     for (name, got), t0, s in zip(
         target.named_parameters(), before.parameters(), source.parameters(), strict=True
     ):
-        want = [t0.detach().clone()]
-        momentum_update_reference(want, [s.detach()], m)
-        assert_ema_close(got.detach(), want[0], t0.detach(), s.detach(), name=name)
+        check_ema(got, t0, s, m, name=name)
     checked = 0
     for (name, got), t0, s in zip(
         target.named_buffers(), before.buffers(), source.buffers(), strict=True
@@ -118,9 +119,7 @@ def test_resnet18_modules_and_buffer_modes(buffers):
         elif buffers == "copy" or not got.is_floating_point():
             assert torch.equal(got, s), name  # integer buffers are copied in both modes
         else:
-            want = [t0.clone()]
-            momentum_update_reference(want, [s], m)
-            assert_ema_close(got, want[0], t0, s, name=name)
+            check_ema(got, t0, s, m, name=name)
         checked += 1
     assert checked == 3 * 20  # running_mean, running_var, num_batches_tracked per BN
 
@@ -129,11 +128,10 @@ def test_fp64_agrees_to_rounding():
     torch.manual_seed(1)
     targets = [torch.randn(17, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     sources = [torch.randn_like(t) for t in targets]
-    want = [t.clone() for t in targets]
-    momentum_update_reference(want, sources, 0.999)
+    before = [t.clone() for t in targets]
     momentum_update_(targets, sources, 0.999)
-    for got, w in zip(targets, want, strict=True):
-        torch.testing.assert_close(got, w, atol=1e-15, rtol=1e-15)
+    for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+        check_ema(got, t0, s, 0.999, name=f"fp64 tensor {i}")
 
 
 def test_odd_sizes_and_mixed_dtypes_in_one_call():
@@ -147,13 +145,10 @@ def test_odd_sizes_and_mixed_dtypes_in_one_call():
     targets.append(torch.randn(40, 6)[:, ::2])  # a non-contiguous target
     sources.append(torch.randn(40, 3))
     before = [t.clone() for t in targets]
-    want = [t.clone() for t in targets]
-    momentum = torch.tensor(0.9)  # fp32 0.9 = 0.89999998; 1 - m is exact in fp32
-    momentum_update_reference(want, sources, float(momentum))
+    momentum = torch.tensor(0.9)  # fp32 0.9 = 0.89999998; the reference takes that number
     momentum_update_(targets, sources, momentum)
-    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
-        assert got.dtype == t0.dtype
-        assert_ema_close(got, w, t0, s, name=f"tensor {i} {t0.dtype} {tuple(t0.shape)}")
+    for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+        check_ema(got, t0, s, momentum, name=f"tensor {i} {t0.dtype} {tuple(t0.shape)}")
 
 
 def test_tensor_momentum_equals_float_momentum():
@@ -164,6 +159,25 @@ def test_tensor_momentum_equals_float_momentum():
     momentum_update_(a, src, 0.75)  # exact in binary, so both weights are the same number
     momentum_update_(b, src, torch.tensor(0.75))
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("dtype", list(EMA_TOL), ids=str)
+def test_ema_check_fails_on_wrong_results(dtype):
+    """The check every EMA test (the GPU-marked ones too) uses passes the right result and
+    fails a zeroed one, a 1%-scaled one and a skipped update (the old target)."""
+    gen = torch.Generator().manual_seed(6)
+    target = torch.randn(1000, generator=gen, dtype=torch.float64).to(dtype)
+    source = torch.randn(1000, generator=gen, dtype=torch.float64).to(dtype)
+    for m in (0.9, 0.5) + ((0.999,) if dtype in (torch.float32, torch.float64) else ()):
+        right = ema_reference(target, source, m).to(dtype)
+        check_ema(right, target, source, m, name="right")
+        for wrong, what in (
+            (right * 0, "zeroed"),
+            (right * 1.01, "1% scaled"),
+            (target, "skipped"),
+        ):
+            with pytest.raises(pytest.fail.Exception, match="relative error"):
+                check_ema(wrong, target, source, m, name=what)
 
 
 def test_empty_lists_and_empty_modules_are_no_ops():
@@ -270,12 +284,9 @@ def _check_triton_matches_reference(targets, sources, momentum, name):
     """backend="triton" vs the official loop; then every element must be written: targets
     poisoned with 1000 and m = 0 (weight 1, so lerp returns the source exactly)."""
     before = [t.clone() for t in targets]
-    want = [t.clone() for t in targets]
-    momentum_update_reference(want, sources, float(momentum))
     momentum_update_(targets, sources, momentum, backend="triton")
-    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
-        assert got.dtype == t0.dtype and got.shape == t0.shape
-        assert_ema_close(got, w, t0, s, name=f"{name} tensor {i} {t0.dtype} {tuple(t0.shape)}")
+    for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+        check_ema(got, t0, s, momentum, name=f"{name} tensor {i} {t0.dtype} {tuple(t0.shape)}")
     for t in targets:
         t.fill_(1000.0)
     zero = torch.zeros_like(momentum) if isinstance(momentum, torch.Tensor) else 0.0
@@ -320,14 +331,12 @@ def test_triton_small_chunks_cover_every_element():
     sizes = [1, 63, 64, 65, 127, 128, 129, 1031, 5]
     targets = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
     sources = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
-    want = [t.clone() for t in targets]
-    momentum_update_reference(want, sources, 0.25)
     plan = build_ema_plan(targets, sources, block=64)
     assert plan.num_chunks == sum(-(-n // 64) for n in sizes) and plan.num_tensors == len(sizes)
     before = [t.clone() for t in targets]
     ema_(plan, 0.25)
-    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
-        assert_ema_close(got, w, t0, s, name=f"size {sizes[i]}")
+    for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+        check_ema(got, t0, s, 0.25, name=f"size {sizes[i]}")
     for t in targets:
         t.fill_(1000.0)  # poison; m = 0 must write the source into every element
     ema_(plan, torch.tensor(0.0, device=DEVICE))
@@ -356,13 +365,9 @@ def test_triton_mixed_dtypes_layouts_and_fallbacks():
     pairs.append((t, s.T.contiguous().T))  # same shape, other strides than the target
     targets, sources = [t for t, _ in pairs], [s for _, s in pairs]
     before = [t.clone() for t in targets]
-    want = [t.clone() for t in targets]
-    momentum_update_reference(want, sources, 0.999)
     momentum_update_(targets, sources, 0.999, backend="triton")
-    for i, (got, w) in enumerate(zip(targets[:2], want[:2], strict=True)):
-        torch.testing.assert_close(got, w, atol=1e-15, rtol=1e-15, msg=f"fp64 tensor {i}")
-    for i, (got, w, t0, s) in enumerate(zip(targets, want, before, sources, strict=True)):
-        assert_ema_close(got, w, t0, s, name=f"tensor {i}")
+    for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+        check_ema(got, t0, s, 0.999, name=f"tensor {i} {t0.dtype}")  # fp64 to 1e-12
     for m, want_fn in ((0.0, lambda t0, s: s), (1.0, lambda t0, s: t0)):
         before = [t.clone() for t in targets]
         momentum_update_(targets, sources, torch.tensor(m, device=DEVICE), backend="triton")
@@ -387,24 +392,113 @@ def test_triton_float_and_tensor_momentum_agree_and_modules_work():
 
 
 @needs_triton_here
-def test_triton_table_is_cached_per_structure():
-    momentum_update_module._plans.clear()
+def test_triton_plan_and_table_are_reused_per_structure():
+    from fastmoco.ops import _ema_plan
+
+    momentum_update_module.clear_plans()
     targets, sources = _lists(5)
     targets, sources = [t.to(DEVICE) for t in targets], [s.to(DEVICE) for s in sources]
     momentum_update_(targets, sources, 0.5, backend="triton")
-    plan = next(iter(momentum_update_module._plans.values()))
-    momentum_update_(targets, sources, 0.9, backend="triton")
-    assert list(momentum_update_module._plans.values()) == [plan]  # reused, not rebuilt
-    others = [torch.randn(3, 2, device=DEVICE)]  # a new structure gets its own table
-    want = [others[0].clone()]
-    momentum_update_reference(want, [sources[1]], 0.5)
+    plans, tables = dict(_ema_plan._list_plans), dict(momentum_update_module._tables)
+    assert len(plans) == 1 and len(tables) == 1
+    momentum_update_(list(targets), list(sources), 0.9, backend="triton")  # new lists, same tensors
+    assert _ema_plan._list_plans == plans and momentum_update_module._tables == tables
+    others = [torch.randn(3, 2, device=DEVICE)]  # a new structure gets its own plan and table
+    before = others[0].clone()
     momentum_update_(others, [sources[1]], 0.5, backend="triton")
-    assert len(momentum_update_module._plans) == 2
-    assert_ema_close(others[0], want[0], want[0], sources[1], name="new structure")
+    assert len(_ema_plan._list_plans) == 2 and len(momentum_update_module._tables) == 2
+    check_ema(others[0], before, sources[1], 0.5, name="new structure")
     momentum_update_([], [], 0.5, backend="triton")  # empty lists: nothing to launch
     empty = [torch.empty(0, device=DEVICE)]
     momentum_update_(empty, empty, 0.5, backend="triton")
-    momentum_update_module._plans.clear()
+    momentum_update_module.clear_plans()
+
+
+def _pair_of_models():
+    torch.manual_seed(5)
+    return (
+        nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)),
+        nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)),
+    )
+
+
+def _change(kind, target, source):
+    """Change target after a cached call; return the error it must raise (None: none)."""
+    if kind == "replaced_parameter":
+        target[0].weight = nn.Parameter(torch.randn(3, 5))
+        return r"parameter 0.weight: target shape torch.Size\(\[3, 5\]\) differs"
+    if kind == "added_module":
+        target.add_module("2", nn.Linear(3, 2))
+        return "target has 6 parameters but source has 4"
+    if kind == "removed_parameter":
+        del target[0].bias
+        return "parameter names differ: target '1.weight' vs source '0.bias'"
+    if kind == "converted":
+        target.double()  # keeps the Parameter objects, swaps their storage
+        return r"parameter 0.weight: target dtype torch.float64 differs"
+    if kind == "new_storage":
+        with torch.no_grad():
+            target[0].weight.data = torch.randn(3, 4)  # same object, new address
+        return None
+    if kind == "buffer_replaced":
+        target[1].running_mean = torch.zeros(4)
+        return r"buffer 1.running_mean: target shape"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["replaced_parameter", "added_module", "removed_parameter", "converted", "new_storage",
+     "buffer_replaced"],
+)  # fmt: skip
+@pytest.mark.parametrize("backend", [None, pytest.param("triton", marks=needs_triton_here)])
+def test_structure_changed_after_a_cached_call_is_validated_again(kind, backend):
+    """The plan's signature sees the change: a mismatch raises before any write, as on a
+    first call; a legal change (new storage) updates the new tensors."""
+    target, source = _pair_of_models()
+    update = functools.partial(momentum_update_, buffers="ema", backend=backend)
+    update(target, source, 0.5)  # builds and caches the plan
+    match = _change(kind, target, source)
+    state = {k: v.clone() for k, v in target.state_dict().items()}
+    params = [(n, p.detach().clone()) for n, p in target.named_parameters()]
+    if match is not None:
+        with pytest.raises(ValueError, match=match):
+            update(target, source, 0.5)
+        for name, value in target.state_dict().items():
+            assert torch.equal(value, state[name]), f"{name} written"
+        return
+    update(target, source, 0.5)
+    for (name, got), (_, t0), s in zip(target.named_parameters(), params, source.parameters(),
+                                       strict=True):  # fmt: skip
+        check_ema(got, t0, s, 0.5, name=name)
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param("triton", marks=needs_triton_here)])
+def test_changed_list_entries_are_validated_again(backend):
+    targets, sources = _lists()
+    update = functools.partial(momentum_update_, backend=backend)
+    update(targets, sources, 0.5)
+    targets[2] = torch.randn(3, 7)  # same list object, another tensor
+    with pytest.raises(ValueError, match=r"tensor \[2\]: target shape"):
+        update(targets, sources, 0.5)
+    targets[2] = torch.randn(3, 3)
+    targets[0].set_(torch.randn(3, 1))  # same tensor object, new storage
+    before = [t.clone() for t in targets]
+    update(targets, sources, 0.5)
+    for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+        check_ema(got, t0, s, 0.5, name=f"tensor {i}")
+
+
+def test_plans_keep_no_tensor_and_no_target_module_alive():
+    targets, sources = _lists()
+    target, source = _pair_of_models()
+    momentum_update_(targets, sources, 0.5)
+    momentum_update_(target, source, 0.5)
+    tensor_ref, module_ref = weakref.ref(targets[0]), weakref.ref(target)
+    del targets, sources, target
+    gc.collect()
+    assert tensor_ref() is None, "a list plan keeps its tensors alive"
+    assert module_ref() is None, "a module plan keeps its target module alive"
 
 
 @needs_triton_here
@@ -434,24 +528,24 @@ def test_cuda_default_is_triton_and_captures_in_a_cuda_graph():
     target, source = two_resnets()
     targets = [p.detach().cuda() for p in target.parameters()]
     sources = [p.detach().cuda() for p in source.parameters()]
-    want = [t.clone() for t in targets]
+    want = [t.double() for t in targets]  # the float64 reference, step by step
     momentum = torch.tensor(0.99, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         momentum_update_(targets, sources, momentum)  # warm-up: compiles, builds the table
     torch.cuda.current_stream().wait_stream(stream)
-    momentum_update_reference(want, sources, 0.99)
+    want = [ema_reference(w, s, momentum) for w, s in zip(want, sources, strict=True)]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         momentum_update_(targets, sources, momentum)
     for m in (0.9, 0.5):  # the schedule changes the tensor, not the graph
         momentum.fill_(m)
         graph.replay()
-        momentum_update_reference(want, sources, m)
+        want = [ema_reference(w, s, momentum) for w, s in zip(want, sources, strict=True)]
     torch.cuda.synchronize()
-    for i, (got, w, s) in enumerate(zip(targets, want, sources, strict=True)):
-        assert_ema_close(got, w, w, s, name=f"param {i}")
+    for i, (got, w) in enumerate(zip(targets, want, strict=True)):
+        assert_rel_close(got, w, EMA_TOL[got.dtype], name=f"param {i}")
 
 
 @pytest.mark.gpu
@@ -460,7 +554,7 @@ def test_cuda_capture_without_warm_up_is_a_clear_error():
     targets = [torch.randn(100, device="cuda") for _ in range(3)]
     sources = [torch.randn(100, device="cuda") for _ in range(3)]
     momentum = torch.tensor(0.9, device="cuda")  # made outside: a host copy cannot be captured
-    momentum_update_module._plans.clear()
+    momentum_update_module.clear_plans()
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="call it once before capturing"):
         with torch.cuda.graph(graph):
@@ -474,4 +568,5 @@ def test_cuda_triton_odd_sizes(dtype):
     gen = torch.Generator().manual_seed(14)
     targets = [torch.randn(s, generator=gen).to(dtype).cuda() for s in ODD_SHAPES]
     sources = [torch.randn(s, generator=gen).to(dtype).cuda() for s in ODD_SHAPES]
-    _check_triton_matches_reference(targets, sources, 0.999, f"cuda {dtype}")
+    # m = 0.9: a skipped update is 10% of the value, well above bf16's rounding
+    _check_triton_matches_reference(targets, sources, 0.9, f"cuda {dtype}")

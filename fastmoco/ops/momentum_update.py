@@ -18,6 +18,11 @@ momentum schedule can live on the GPU inside a captured CUDA graph: it is never 
 to the host (its range is therefore not checked). Everything is validated before the first
 write, so a mismatch raises without touching any tensor.
 
+Host time: the first call for a structure validates it (names, shapes, dtypes, devices)
+and keeps a plan (fastmoco/ops/_ema_plan.py: what to launch, with a signature of the
+structure); later calls check that signature, a few tens of microseconds for ResNet-50,
+and launch. A changed structure is validated again, so it still raises before any write.
+
 Modules: parameters() always; floating buffers (BatchNorm running stats) per `buffers`:
 "skip" (the official MoCo behaviour), "copy" (take the source's), "ema" (average like the
 parameters). Integer buffers (num_batches_tracked) are copied unless buffers="skip".
@@ -28,12 +33,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fastmoco.ops import _ema_plan
 from fastmoco.ops._common import select_backend
+from fastmoco.ops._ema_plan import ListPlan, ModulePlan, Work
 
 _BACKENDS = ("torch", "triton")
-_PLAN_CACHE_SIZE = 16  # models (or tensor lists) whose tables stay on the device
-_plans: dict[tuple, object] = {}
 _BUFFER_MODES = ("skip", "copy", "ema")
+_TABLES_KEPT = 16  # device tables (address lists) kept, e.g. for lists rebuilt every step
+_tables: dict[tuple, object] = {}  # (device, dtype, addresses and sizes) -> kernels' EmaPlan
 
 
 def momentum_update_(
@@ -51,21 +58,47 @@ def momentum_update_(
     backend: None picks per device (CUDA: "triton", CPU: "torch"); "triton" or "torch" forces
     one ("triton" on CPU tensors only under TRITON_INTERPRET=1, as the tests run it).
     """
+    plan = _ema_plan.cached_plan(target, source)
+    tensors = None if plan is None else plan.current(target, source, buffers, backend)
+    if tensors is None:  # first call for this structure, or it changed: validate it all
+        plan, tensors = _build_plan(target, source, buffers, backend)
+    _check_momentum(momentum, plan.work.devices)
+    plan.work.run(tensors, momentum)
+
+
+def clear_plans() -> None:
+    """Forget every cached plan and device table (the next call validates and rebuilds)."""
+    _tables.clear()
+    _ema_plan.clear()
+
+
+def _build_plan(target, source, buffers, backend):
+    """(plan, flat tensors): everything validated (raises before any write), then cached."""
     if buffers not in _BUFFER_MODES:
         raise ValueError(f"buffers must be one of {_BUFFER_MODES}, got {buffers!r}")
     select_backend(backend, _BACKENDS)
     ema_pairs, copy_pairs = _pairs(target, source, buffers)
-    _check_momentum(momentum, {t.device for t, _ in ema_pairs})
-    groups = _grouped(ema_pairs)
-    backends = {key: _group_backend(backend, key[0]) for key in groups}
-    with torch.no_grad():
-        for key, (targets, sources) in groups.items():
-            if backends[key] == "triton":
-                _ema_triton(targets, sources, momentum)
-            else:
-                _lerp_foreach(targets, sources, momentum)
-        for t, s in copy_pairs:
-            t.copy_(s)
+    if isinstance(target, nn.Module):  # pair j at (2 j, 2 j + 1)
+        tensors = [t for pair in ema_pairs + copy_pairs for t in pair]
+        index = [(2 * j, 2 * j + 1) for j in range(len(ema_pairs) + len(copy_pairs))]
+    else:  # flat = [*target, *source]; _pairs keeps the sequences' order
+        tensors = [*target, *source]
+        index = [(j, len(target) + j) for j in range(len(target))]
+    kernels, foreach = [], []
+    for (device, _), pair_ids in _grouped(ema_pairs).items():
+        if _group_backend(backend, device) == "triton":
+            table, pair_ids = _triton_table(ema_pairs, pair_ids)
+            kernels += [] if table is None else [table]
+        if pair_ids:
+            foreach.append(([index[j][0] for j in pair_ids], [index[j][1] for j in pair_ids]))
+    copies = [index[len(ema_pairs) + j] for j in range(len(copy_pairs))]
+    work = Work(kernels, foreach, copies, frozenset(t.device for t, _ in ema_pairs))
+    if isinstance(target, nn.Module):
+        plan = ModulePlan(target, source, buffers, backend, work, tensors)
+    else:
+        plan = ListPlan(target, source, buffers, backend, work)
+    _ema_plan.remember(target, plan)
+    return plan, tensors
 
 
 def _pairs(target, source, buffers: str):
@@ -154,13 +187,11 @@ def _check_momentum(momentum, devices: set) -> None:
         raise ValueError(f"momentum must be a float in [0, 1] (e.g. 0.999), got {momentum!r}")
 
 
-def _grouped(pairs) -> dict[tuple, tuple[list, list]]:
-    """{(device, dtype): (targets, sources)}: the lists one fused call can take."""
-    groups: dict[tuple, tuple[list, list]] = {}
-    for t, s in pairs:
-        targets, sources = groups.setdefault((t.device, t.dtype), ([], []))
-        targets.append(t)
-        sources.append(s)
+def _grouped(pairs) -> dict[tuple, list[int]]:
+    """{(device, dtype): indices of the pairs}: the lists one fused call can take."""
+    groups: dict[tuple, list[int]] = {}
+    for j, (t, _) in enumerate(pairs):
+        groups.setdefault((t.device, t.dtype), []).append(j)
     return groups
 
 
@@ -178,21 +209,6 @@ def _group_backend(backend: str | None, device: torch.device) -> str:
     return chosen
 
 
-def _lerp_foreach(targets, sources, momentum) -> None:
-    """torch._foreach_lerp_ over one (device, dtype) group.
-
-    A tensor weight goes through the List overload (one 0-d weight per tensor, broadcast),
-    present since torch 2.0: the Scalar overload would call .item() on it, a host sync.
-    """
-    if not targets:
-        return
-    if isinstance(momentum, torch.Tensor):
-        w = (1.0 - momentum).to(targets[0].dtype)  # on the device; lerp wants the tensors' dtype
-        torch._foreach_lerp_(targets, sources, [w] * len(targets))
-    else:
-        torch._foreach_lerp_(targets, sources, 1.0 - float(momentum))
-
-
 def _dense_alike(t: torch.Tensor, s: torch.Tensor) -> bool:
     """Both tensors cover their numel() elements from data_ptr() in the same order."""
     if t.stride() != s.stride():
@@ -202,36 +218,36 @@ def _dense_alike(t: torch.Tensor, s: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _ema_triton(targets, sources, momentum) -> None:
-    """kernels/ema.py over the dense pairs (table cached on their addresses), foreach else."""
-    from fastmoco.kernels.ema import build_ema_plan, ema_
+def _triton_table(pairs, pair_ids):
+    """(kernels/ema.py's table for the dense pairs of pair_ids or None, the other ids).
 
-    dense = [
-        (t.is_contiguous() and s.is_contiguous()) or _dense_alike(t, s)
-        for t, s in zip(targets, sources, strict=True)
-    ]
-    _lerp_foreach(
-        [t for t, d in zip(targets, dense, strict=True) if not d],
-        [s for s, d in zip(sources, dense, strict=True) if not d],
-        momentum,
-    )
-    pairs = [(t, s) for t, s, d in zip(targets, sources, dense, strict=True) if d]
+    Tables are also cached on the addresses, so that lists rebuilt every call (new tensor
+    objects over the same storage) do not copy a new table to the device every step."""
+    from fastmoco.kernels.ema import build_ema_plan
+
+    dense, rest = [], []
+    for j in pair_ids:
+        t, s = pairs[j]
+        is_dense = (t.is_contiguous() and s.is_contiguous()) or _dense_alike(t, s)
+        (dense if is_dense else rest).append(j)
+    pairs = [pairs[j] for j in dense]
     if not pairs:
-        return
+        return None, rest
+    device = pairs[0][0].device
     key = (
-        pairs[0][0].device,
+        device,
         pairs[0][0].dtype,
         tuple((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in pairs),
     )
-    plan = _plans.get(key)
-    if plan is None:
-        if key[0].type == "cuda" and torch.cuda.is_current_stream_capturing():
+    table = _tables.get(key)
+    if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "momentum_update_ builds its device table on the first call for a model, a "
                 "host-to-device copy that cannot be captured: call it once before capturing "
                 "the CUDA graph (the usual warm-up step)"
             )
-        if len(_plans) >= _PLAN_CACHE_SIZE:
-            _plans.pop(next(iter(_plans)))  # the oldest
-        plan = _plans[key] = build_ema_plan([t for t, _ in pairs], [s for _, s in pairs])
-    ema_(plan, momentum)
+        if len(_tables) >= _TABLES_KEPT:
+            _tables.pop(next(iter(_tables)))  # the oldest
+        table = _tables[key] = build_ema_plan([t for t, _ in pairs], [s for _, s in pairs])
+    return table, rest
