@@ -155,8 +155,9 @@ def test_bad_backend():
 # ---- the C++/CUDA extension op ------------------------------------------------------------
 
 
-def _check_against_reference(device, K, C, dtype, layout, backend, seed):
-    """Random batch sizes, B == K and B == 1 included, vs the reference: exact."""
+def _check_against_reference(device, K, C, dtype, layout, backend, seed, sizes=(), offset=0):
+    """Random batch sizes, B == K and B == 1 included (then `sizes`), vs the reference:
+    exact. offset > 0 starts the keys that many elements into their buffer (unaligned)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     queue = make_queue(K, C, layout, dtype).to(device)
@@ -165,10 +166,12 @@ def _check_against_reference(device, K, C, dtype, layout, backend, seed):
     want_ptr = torch.zeros(1, dtype=torch.long)
     queue.fill_(float("nan"))  # poison: every row must be written by the time it is compared
     want.fill_(float("nan"))
-    sizes = [K, 1, max(K - 1, 1), min(2, K)] + [rng.randint(1, K) for _ in range(12)]
+    sizes = [K, 1, max(K - 1, 1), min(2, K)] + [rng.randint(1, K) for _ in range(12)] + [*sizes]
     for step, B in enumerate(sizes):
         keys = torch.randn(B, C).to(dtype)
-        enqueue_(queue, ptr, keys.to(device), backend=backend)
+        buffer = torch.empty(offset + B * C, dtype=dtype, device=device)
+        on_device = buffer[offset:].view(B, C).copy_(keys)
+        enqueue_(queue, ptr, on_device, backend=backend)
         enqueue_reference(want, want_ptr, keys)
         got = queue.cpu()
         assert torch.equal(got.isnan(), want.isnan()), f"step {step} (B={B}): rows written"
@@ -194,6 +197,28 @@ def test_extension_cpu_op_matches_reference(K, C, dtype, layout):
 @pytest.mark.parametrize("K,C", [(1, 4), (7, 3), (4096, 128)])
 def test_extension_cuda_op_matches_reference(K, C, dtype, layout):
     _check_against_reference("cuda", K, C, dtype, layout, "cuda", seed=K * 100 + C)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned_keys"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extension_cuda_op_both_launch_paths(dtype, offset):
+    """Keys of 128 KiB take the one-block launch, one row more the multi-block copy and the
+    pointer launch (csrc/enqueue_cuda.cu); aligned keys the 16-byte vector copy, keys one
+    element into their buffer the element-wise one; wrapping batches in each."""
+    rows = (128 << 10) // (128 * torch.empty(0, dtype=dtype).element_size())
+    sizes = [rows, rows + 1, rows, rows + 1, 3 * rows]
+    _check_against_reference("cuda", 4 * rows - 3, 128, dtype, "contiguous", "cuda", seed=7,
+                             sizes=sizes, offset=offset)  # fmt: skip
+
+
+def test_exact_checks_fail_on_zeroed_or_scaled_rows():
+    """The enqueue checks compare exactly (a copy): a zeroed or a 1%-scaled row fails."""
+    want = torch.randn(6, 4)
+    for wrong in (want * 0, want * 1.01, torch.cat([want[:5], want[5:] * 1.01])):
+        with pytest.raises(pytest.fail.Exception, match="rows differ"):
+            assert_equal(wrong, want, "queue")
 
 
 @pytest.mark.gpu
