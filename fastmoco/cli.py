@@ -23,6 +23,7 @@ from fastmoco.eval.lincls import PRESETS as LINCLS_PRESETS
 from fastmoco.eval.lincls import LinclsConfig
 
 DEVICES = ["auto", "cpu", "cuda"]
+TRUST_HELP = "load --pretrained with full unpickling (only from a trusted source: it can run code)"
 
 # group title -> {field: help, or (help, extra add_argument keywords)}. Fields left out
 # still get a flag (in "other"); tests/test_cli.py asserts that none is left out.
@@ -130,6 +131,19 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
         "log_every": "steps between reads of the loss (each read is a host sync)",
         "progress": "progress bars",
     },
+    "fault tolerance (docs/reliability.md)": {
+        "save_every": "steps between checkpoints besides each epoch's end (0: epoch ends only)",
+        "keep": "checkpoints kept: checkpoint.pt, checkpoint.prev.pt, checkpoint.prev2.pt, ...",
+        "force": "start over in an --out that holds a run, replacing its outputs",
+        "trust_checkpoint": "load --resume files with full unpickling (only from a trusted source: "
+        "it can run code)",
+        "on_nonfinite": (
+            "NaN/inf loss or gradient: stop (exit code 3, last good checkpoint kept) or skip "
+            "the step",
+            dict(choices=["stop", "skip"]),
+        ),
+        "allow_repeated_negatives": "allow --queue-size >= the training images (v1/v2)",
+    },
 }
 
 LINCLS_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
@@ -178,6 +192,8 @@ LINCLS_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
         ),
         "seed": "seed of fc's init, data order and augmentation",
         "progress": "progress bar",
+        "trust_checkpoint": "load --pretrained with full unpickling (only from a trusted "
+        "source: it can run code)",
     },
 }
 
@@ -247,6 +263,16 @@ def config_from_args(args: argparse.Namespace, presets: dict, preset_with_data: 
     return base.replace(**from_file).replace(**flags)
 
 
+def given_fields(args: argparse.Namespace, cls) -> set[str]:
+    """The fields set by a flag or by --config FILE: what a resumed run takes from this
+    command line rather than from its checkpoint."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"preset"}
+    given = {k for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "config", None):
+        given |= set(read_config_file(args.config, cls)) & names
+    return given
+
+
 # --- train -----------------------------------------------------------------------------------
 
 
@@ -285,7 +311,7 @@ def cmd_train(args) -> int:
         return 0
     from fastmoco.engine.trainer import train
 
-    train(cfg)
+    train(cfg, explicit=given_fields(args, TrainConfig))
     return 0
 
 
@@ -329,6 +355,7 @@ def _knn_parser(sub) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when visible")
+    g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     return p
 
 
@@ -345,6 +372,7 @@ def cmd_knn(args) -> int:
         device=args.device,
         arch=args.arch,
         crop_size=args.crop_size,
+        trust=args.trust_checkpoint,
     )
     print(f"kNN top-1: {top1:.2f}% ({args.pretrained})")
     return 0
@@ -394,13 +422,22 @@ def _export_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--format", required=True, choices=FORMATS, dest="fmt", help="layout to write")
     g.add_argument("--out", required=True, help="file to write")
     g.add_argument("--arch", help="architecture, for files that do not name one")
+    g.add_argument("--force", action="store_true", help="replace an existing --out file")
+    g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     return p
 
 
 def cmd_export(args) -> int:
     from fastmoco.engine.checkpoint_io import describe, export_checkpoint
 
-    path, p, note = export_checkpoint(args.pretrained, args.fmt, args.out, args.arch)
+    path, p, note = export_checkpoint(
+        args.pretrained,
+        args.fmt,
+        args.out,
+        args.arch,
+        force=args.force,
+        trust=args.trust_checkpoint,
+    )
     print(describe(p))
     print(f"wrote {path} ({args.fmt} layout, {p.arch}): {note}")
     return 0
@@ -495,18 +532,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from fastmoco.engine.distributed import is_rank0_process
+    from fastmoco.engine.guard import NonFiniteError
     from fastmoco.engine.trainer import Interrupted
 
+    # under torchrun every process runs this: rank 0 alone speaks for the run
+    say = is_rank0_process()
     try:
         return COMMANDS[args.cmd][1](args)
     except UsageError as e:
-        print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # quiet: another rank's error, printed there
+            print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        if say:
+            print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except Interrupted as e:
-        print(
-            f"fastmoco {args.cmd}: {e}; continue with --resume {Path(e.path).parent}",
-            file=sys.stderr,
-        )
+        if say:
+            print(
+                f"fastmoco {args.cmd}: {e}; continue with --resume {Path(e.path).parent}",
+                file=sys.stderr,
+            )
         return 128 + int(e.signum)
 
 

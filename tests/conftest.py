@@ -73,5 +73,7 @@ def tiny_train_config(data, out, **kw) -> TrainConfig:
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
         device="cpu",
+        # K=64 over 36 images: the tests want the queue to wrap within a few steps
+        allow_repeated_negatives=True,
     )
     return base.replace(**kw)

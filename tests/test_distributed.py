@@ -116,13 +116,12 @@ def test_trainer_on_two_ranks(tmp_path, tiny_data):
     """The whole trainer under DDP on 2 gloo ranks: sharded data, gathered keys, one writer."""
     from conftest import tiny_train_config as tiny_cfg
 
-    from fastmoco.engine.trainer import _train_rank
+    from fastmoco.engine.trainer import RunPlan, _train_rank
 
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_data, out, epochs=1)
-    args = (cfg, str(tiny_data / "train"), str(tiny_data / "val"), str(out), None, None)
-    launch(_train_rank, args, nprocs=2, device="cpu")
-    res = torch.load(out / "results.pt", weights_only=False)
+    plan = RunPlan(cfg, str(tiny_data / "train"), str(tiny_data / "val"), str(out), None)
+    res = launch(_train_rank, (plan, None), nprocs=2, device="cpu")  # rank 0's results
     assert res["knn_random"] is not None and res["knn_final"] is not None
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     # 36 images, global batch 8: 4 steps of 8 keys each, all enqueued on every rank

@@ -330,13 +330,12 @@ def test_methods_on_two_ranks(tiny_data, tmp_path, method):
     """DDP on 2 gloo ranks: v3 gathers keys across ranks (two forwards of the DDP module per
     step); the memory bank applies the whole global batch's update on every rank."""
     from fastmoco.engine.distributed import launch
-    from fastmoco.engine.trainer import _train_rank
+    from fastmoco.engine.trainer import RunPlan, _train_rank
 
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_data, out, method, knn_every=0)
-    args = (cfg, str(tiny_data / "train"), str(tiny_data / "val"), str(out), None, None)
-    launch(_train_rank, args, nprocs=2, device="cpu")
-    res = torch.load(out / "results.pt", weights_only=False)
+    plan = RunPlan(cfg, str(tiny_data / "train"), str(tiny_data / "val"), str(out), None)
+    res = launch(_train_rank, (plan, None), nprocs=2, device="cpu")  # rank 0's results
     assert math.isfinite(res["history"][0]["loss"])
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["global_step"] == 4  # 36 images, global batch 8

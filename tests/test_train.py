@@ -121,6 +121,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 @pytest.fixture
 def cli_args(tmp_path):
     return [
+        "--allow-repeated-negatives",  # K=64 over 16 images
         "--arch",
         "resnet-tiny",
         "--small-images",

@@ -8,6 +8,7 @@ iteration yielding (view1, view2, target, n_bad), and a `description` the traine
 Order and sharding: sampler.ShardedBatchSampler.
 """
 
+import signal
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -62,6 +63,14 @@ def _private_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def leave_signals_to_main(worker_id: int) -> None:
+    """Loader workers ignore the stop signals: SIGTERM or SIGINT sent to the whole process
+    group (a scheduler, a terminal) must reach the main process, which saves and stops,
+    rather than kill the workers first and the run with them."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TwoViewLoader:
     """Training batches (view1, view2, target, n_bad) over an ImageFolder, for one rank."""
 
@@ -86,6 +95,7 @@ class TwoViewLoader:
             pin_memory=pin_memory,
             persistent_workers=workers > 0,
             generator=_private_generator(seed),
+            worker_init_fn=leave_signals_to_main,
         )
 
     @property
@@ -220,6 +230,7 @@ def build_eval_loader(
     rank: int = 0,
     world_size: int = 1,
     indices: Sequence[int] | None = None,
+    skip_bad_images: bool = False,
 ) -> DataLoader:
     """(images, targets) in file order, every image once (of `indices` when given); rank r
     gets images r, r + W, ...
@@ -228,7 +239,8 @@ def build_eval_loader(
     differ by one image in count).
     """
     transform = eval_transform(crop_size, resize_size, mean, std)
-    dataset = ImageFolderDataset(root, transform)
+    # skip_bad_images: an unreadable file is replaced by its readable successor
+    dataset = ImageFolderDataset(root, transform, skip_bad_images=skip_bad_images)
     order = range(len(dataset)) if indices is None else indices
     return DataLoader(
         dataset,
@@ -238,4 +250,5 @@ def build_eval_loader(
         collate_fn=collate_eval,
         pin_memory=torch.cuda.is_available(),
         generator=_private_generator(0),
+        worker_init_fn=leave_signals_to_main,
     )

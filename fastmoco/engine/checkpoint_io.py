@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from fastmoco.data import IMAGENET_MEAN, IMAGENET_STD
-from fastmoco.engine.checkpoint import load_checkpoint, save_atomic
+from fastmoco.engine.checkpoint import load_checkpoint, remove_stale_temps, save_atomic
+from fastmoco.engine.guard import all_finite
 from fastmoco.errors import UsageError
 from fastmoco.models import ALL_ARCHS, VIT_ARCHS, build_backbone, build_vit
 
@@ -141,9 +142,10 @@ def _check_arch(found: str | None, arch: str | None, path) -> str | None:
     return found or arch
 
 
-def read_pretrained(path: str | Path, arch: str | None = None) -> Pretrained:
-    """Read any supported checkpoint file into a Pretrained record (see the module doc)."""
-    obj = load_checkpoint(path)
+def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = False) -> Pretrained:
+    """Read any supported checkpoint file into a Pretrained record (see the module doc).
+    trust: unpickle fully (--trust-checkpoint); otherwise tensors and containers only."""
+    obj = load_checkpoint(path, trust)
     layout = detect_layout(obj)
     fields: dict = {"dropped": {}}
     if layout == "fastmoco":
@@ -227,6 +229,12 @@ def read_pretrained(path: str | Path, arch: str | None = None) -> Pretrained:
             f"{path}: arch {found!r} is none of {', '.join(ALL_ARCHS)}; fastmoco cannot build it"
         )
     fields["dropped"] = {k: v for k, v in fields["dropped"].items() if v}
+    bad = all_finite(backbone)
+    if bad is not None:  # a diverged run's weights: any accuracy measured on them is noise
+        raise UsageError(
+            f"{path}: the backbone holds NaN or inf values ({bad}); it comes from a run that "
+            "diverged: use an earlier checkpoint (checkpoint.prev.pt)"
+        )
     return Pretrained(str(path), layout, found, small, backbone, **fields)
 
 
@@ -296,9 +304,11 @@ def image_settings(p: Pretrained) -> dict:
     )
 
 
-def load_backbone(path: str | Path, arch: str | None = None) -> tuple[nn.Module, int, Pretrained]:
+def load_backbone(
+    path: str | Path, arch: str | None = None, trust: bool = False
+) -> tuple[nn.Module, int, Pretrained]:
     """(backbone with the pre-trained weights, its feature width, the record) of any layout."""
-    p = read_pretrained(path, arch)
+    p = read_pretrained(path, arch, trust)
     net, feat_dim = build_pretrained_backbone(p)
     return net, feat_dim, p
 
@@ -366,12 +376,27 @@ def compatibility_note(p: Pretrained, fmt: str) -> str:
 
 
 def export_checkpoint(
-    pretrained: str | Path, fmt: str, out: str | Path, arch: str | None = None
+    pretrained: str | Path,
+    fmt: str,
+    out: str | Path,
+    arch: str | None = None,
+    *,
+    force: bool = False,
+    trust: bool = False,
 ) -> tuple[Path, Pretrained, str]:
-    """Write `pretrained` (any layout) as fmt ('torchvision' or 'moco'); (path, record, note)."""
+    """Write `pretrained` (any layout) as fmt ('torchvision' or 'moco'); (path, record, note).
+    An existing out is refused unless force; out is never the input file."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    p = read_pretrained(pretrained, arch)
+    out = Path(out)
+    if out.exists() and out.resolve() == Path(pretrained).resolve():
+        raise UsageError(f"--out {out} is the --pretrained file itself; write to another path")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give the path of the file to write")
+    if out.exists() and not force:
+        raise UsageError(f"--out {out} exists; pass --force to replace it, or choose another")
+    remove_stale_temps(out.parent, name=out.name)  # left by a killed export
+    p = read_pretrained(pretrained, arch, trust)
     build_pretrained_backbone(p)  # refuse to export weights that would not load back
     obj = to_torchvision(p) if fmt == "torchvision" else to_moco(p)
     return save_atomic(obj, out), p, compatibility_note(p, fmt)

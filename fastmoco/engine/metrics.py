@@ -1,12 +1,24 @@
 """Run records on rank 0: metrics.jsonl, TensorBoard, and a PNG of the curves at the end."""
 
 import json
+import math
 import time
 from pathlib import Path
 
 
+def _json_safe(values: dict) -> dict:
+    """NaN/inf are not JSON: write null, and name the fields in "nonfinite"."""
+    bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return values
+    return {**{k: (None if k in bad else v) for k, v in values.items()}, "nonfinite": bad}
+
+
 class MetricsLog:
-    def __init__(self, out: Path, enabled: bool = True):
+    """purge_step: a resumed run's first step; TensorBoard drops the events logged after
+    it by the interrupted run (metrics.jsonl is trimmed the same way at resume)."""
+
+    def __init__(self, out: Path, enabled: bool = True, purge_step: int | None = None):
         self.enabled = enabled
         self.out = Path(out)
         self.tb = None
@@ -18,13 +30,13 @@ class MetricsLog:
             except ImportError:
                 print("TensorBoard not installed: metrics.jsonl only (pip install tensorboard)")
             else:
-                self.tb = SummaryWriter(str(self.out / "tb"))
+                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=purge_step)
 
     def log(self, kind: str, step: int, **values) -> None:
         if not self.enabled:
             return
-        rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        self.jsonl.write(json.dumps(rec) + "\n")
+        rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **_json_safe(values)}
+        self.jsonl.write(json.dumps(rec, allow_nan=False) + "\n")
         self.jsonl.flush()
         for k, v in values.items():
             if self.tb is not None and isinstance(v, int | float) and k != "epoch":

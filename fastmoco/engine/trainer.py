@@ -9,6 +9,7 @@ summed on the device and read every `log_every` steps.
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from fastmoco.config import TrainConfig
+from fastmoco.config import TrainConfig, check_numbers
 from fastmoco.config_io import write_config
 from fastmoco.data import build_train_loader, demo_dataset
 from fastmoco.data.augment import RECIPES
@@ -27,14 +28,16 @@ from fastmoco.models import ALL_ARCHS, METHODS, MoCo, build_model
 from fastmoco.ops.distributed import world
 
 from . import checkpoint as ckpt
-from .distributed import launch, local_device, resolve_device
+from .distributed import STOP_SIGNALS, launch, local_device, resolve_device
+from .guard import NonFiniteError, NonFiniteGuard, all_finite, bn_statistics
 from .metrics import MetricsLog, plot_curves
 from .notices import startup_notices
 from .optim import OPTIMIZERS, build_optimizer
+from .resume import resume_config, truncate_records
 
 
 class Interrupted(Exception):
-    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+    """Training stopped by SIGINT/SIGTERM/SIGUSR1 after saving a checkpoint."""
 
     def __init__(self, signum: int, path: Path):
         super().__init__(f"stopped by signal {signum}; checkpoint saved to {path}")
@@ -66,6 +69,7 @@ def momentum_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 def check_config(cfg: TrainConfig) -> None:
     """Errors a user can fix, raised before any process or file is made."""
+    check_numbers(cfg)
     if cfg.arch not in ALL_ARCHS:
         raise UsageError(f"--arch {cfg.arch!r}: choose one of {', '.join(ALL_ARCHS)}")
     if cfg.method not in METHODS:
@@ -82,8 +86,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--schedule {cfg.schedule!r}: choose cosine or step")
     if cfg.lr_scaling not in ("linear", "none"):
         raise UsageError(f"--lr-scaling {cfg.lr_scaling!r}: choose linear or none")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be at least 1")
     if cfg.method == "moco" and cfg.queue_size <= cfg.batch_size:
         raise UsageError(
             f"--queue-size {cfg.queue_size} must be larger than --batch-size {cfg.batch_size} "
@@ -96,8 +98,6 @@ def check_config(cfg: TrainConfig) -> None:
     per_rank = cfg.batch_size // cfg.gpus
     if cfg.bn_splits > 1 and per_rank % cfg.bn_splits:
         raise UsageError(f"--bn-splits {cfg.bn_splits} must divide the per-device batch {per_rank}")
-    if not (0.0 <= cfg.moco_m <= 1.0) or cfg.temperature <= 0:
-        raise UsageError("--moco-m must lie in [0, 1] and --temperature must be positive")
     if cfg.amp and cfg.amp_dtype not in ("bf16", "fp16"):
         raise UsageError(f"--amp-dtype {cfg.amp_dtype!r}: choose bf16 or fp16")
 
@@ -112,12 +112,52 @@ def data_roots(cfg: TrainConfig) -> tuple[str, str | None]:
     return splits(cfg.data)
 
 
-def train(cfg: TrainConfig, *, on_step=None) -> dict:
-    """Check the config and data, then train on every rank; returns rank 0's results.
+def check_queue_vs_data(cfg: TrainConfig, n_images: int, log=print) -> None:
+    """MoCo v1/v2's queue against the training set: an image's own key from its previous
+    appearance sits among its negatives once K nears the set's size."""
+    if cfg.method != "moco":
+        return
+    share = cfg.queue_size / n_images
+    if cfg.queue_size >= n_images and not cfg.allow_repeated_negatives:
+        raise UsageError(
+            f"--queue-size {cfg.queue_size} is at least the {n_images} training images: every "
+            "image's own key from its last appearance would be among its negatives, and the "
+            f"pretext task stops being learnable; use --queue-size below {n_images // 4} "
+            "(or pass --allow-repeated-negatives)"
+        )
+    if share > 0.25:
+        log(
+            f"warning: --queue-size {cfg.queue_size} is {share:.0%} of the {n_images} training "
+            "images; above a quarter, stale keys of the same images crowd the negatives and "
+            f"the loss can climb toward ln K (the official CIFAR demo uses 8%)",
+            flush=True,
+        )
 
-    on_step(global_step) is called after each step (tests use it to send a signal).
-    """
-    device = resolve_device(cfg.device, cfg.gpus)
+
+@dataclass
+class RunPlan:
+    """What rank 0 decided before training, sent to every rank."""
+
+    cfg: TrainConfig
+    train_root: str
+    val_root: str | None
+    out: str
+    state: dict | None  # the checkpoint to resume, loaded
+
+
+def plan_run(cfg: TrainConfig, explicit, device: str, lock: ckpt.RunLock) -> RunPlan:
+    """On the caller or torchrun's rank 0 only: the run directory (locked), the checkpoint
+    to resume and the configuration it implies, and the checks of config and data."""
+    out, resume_from = ckpt.prepare_run_dir(cfg.out, cfg.resume, cfg.preset)
+    lock.acquire(out)
+    ckpt.remove_stale_temps(out)
+    state = None
+    if resume_from is None:
+        ckpt.check_overwrite(out, cfg.force)
+    else:
+        state = ckpt.load_resumable(resume_from, cfg.trust_checkpoint)
+    if state is not None:
+        cfg = resume_config(cfg, state["config"], explicit).replace(out=str(out))
     check_config(cfg)
     if cfg.method == "membank" and cfg.loader == "auto":
         cfg = cfg.replace(loader="torch")  # the bank needs the torch sampler's indices
@@ -142,23 +182,50 @@ def train(cfg: TrainConfig, *, on_step=None) -> dict:
             f"--batch-size {cfg.batch_size} is larger than the dataset ({len(samples)} images "
             f"under {train_root}); lower --batch-size"
         )
-    out, resume_path = ckpt.prepare_run_dir(cfg.out, cfg.resume, cfg.preset)
+    check_queue_vs_data(cfg, len(samples))
+    if state is None:
+        ckpt.clear_run_outputs(out)  # only a --force'd or never-saved run's files are left
+    else:
+        truncate_records(out / "metrics.jsonl", state["global_step"])
     write_config(cfg, out)  # the resolved config, for --config and for the record
-    args = (cfg, train_root, val_root, str(out), resume_path)
-    launch(_train_rank, (*args, on_step), nprocs=cfg.gpus, device=device)
-    results = torch.load(out / "results.pt", weights_only=False)
+    return RunPlan(cfg, str(train_root), str(val_root) if val_root else None, str(out), state)
+
+
+def train(cfg: TrainConfig, *, on_step=None, explicit: set[str] | None = None) -> dict:
+    """Check the config and data, then train on every rank; returns rank 0's results.
+
+    explicit: the fields given on the command line (a resumed run takes the others from
+    its checkpoint); None means all of cfg's. on_step(global_step) is called after each
+    step (tests use it to send a signal).
+    """
+    device = resolve_device(cfg.device, cfg.gpus)
+    check_numbers(cfg)
+    lock = ckpt.RunLock()
+    try:
+        results = launch(
+            _train_rank,
+            (on_step,),
+            nprocs=cfg.gpus,
+            device=device,
+            prepare=lambda: plan_run(cfg, explicit, device, lock),
+        )
+    finally:
+        lock.release()
     if results.get("interrupted"):
-        raise Interrupted(results["interrupted"], out / ckpt.CHECKPOINT_NAME)
+        raise Interrupted(results["interrupted"], Path(results["out"]) / ckpt.CHECKPOINT_NAME)
+    if results.get("nonfinite") is not None:
+        raise NonFiniteError(results["nonfinite"], results.get("last_checkpoint"))
     return results
 
 
-def _train_rank(cfg, train_root, val_root, out, resume_path, on_step):
-    Trainer(cfg, train_root, val_root, Path(out), resume_path, on_step).fit()
+def _train_rank(plan: RunPlan, on_step) -> dict:
+    return Trainer(plan, on_step).fit()
 
 
 class Trainer:
-    def __init__(self, cfg, train_root, val_root, out, resume_path=None, on_step=None):
-        self.cfg, self.out, self.on_step = cfg, out, on_step
+    def __init__(self, plan: RunPlan, on_step=None):
+        cfg, train_root, val_root = plan.cfg, plan.train_root, plan.val_root
+        self.cfg, self.out, self.on_step = cfg, Path(plan.out), on_step
         self.rank, self.world_size = world()
         self.is_main = self.rank == 0
         self.device = local_device(resolve_device(cfg.device, 1))
@@ -197,6 +264,7 @@ class Trainer:
                 workers=cfg.workers,
                 bank_size=cfg.knn_bank,
                 seed=cfg.seed,
+                skip_bad_images=cfg.skip_bad_images,
             )
             self.num_classes = len(self.knn_loaders[0].dataset.classes)
 
@@ -231,10 +299,20 @@ class Trainer:
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history, self.knn_random, self.bad_images = [], None, 0
-        if resume_path is not None:
-            self.load(resume_path)
-        self.log = MetricsLog(out, enabled=self.is_main)
+        if plan.state is not None:
+            self.load(plan.state)
+        resumed_at = self.global_step + 1 if plan.state is not None else None
+        self.log = MetricsLog(self.out, enabled=self.is_main, purge_step=resumed_at)
         self._stop_signal = None
+        self.guard = NonFiniteGuard(
+            self.device,
+            cfg.on_nonfinite,
+            self.global_step,
+            check_grads=not self.scaler.is_enabled(),  # fp16: the scaler drops overflows
+            buffers=bn_statistics(self.model),
+        )
+        self.last_saved_step = self.global_step
+        self.last_checkpoint = None
 
     # --- checkpoints -------------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
@@ -273,13 +351,19 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint (rotating the older ones), never a non-finite one."""
         path = self.out / ckpt.CHECKPOINT_NAME
         if self.is_main:
-            ckpt.save_atomic(self.state(), path)
+            state = self.state()
+            bad = all_finite(state)
+            if bad is not None:  # e.g. BN statistics of a skipped NaN batch
+                raise _NonFinite(self.global_step, f"{bad} holds NaN or inf")
+            ckpt.save_checkpoint(state, self.out, keep=self.cfg.keep)
+            self.last_checkpoint = str(path)
+        self.last_saved_step = self.global_step
         return path
 
-    def load(self, path: Path) -> None:
-        s = ckpt.load_checkpoint(path)
+    def load(self, s: dict) -> None:
         m = self.model
         m.query_encoder().load_state_dict(s["encoder_q"])
         if self.is_moco:
@@ -291,7 +375,7 @@ class Trainer:
             missing = [k for k in missing if not k.startswith("encoder_q.")]
             if missing or unexpected:
                 raise UsageError(
-                    f"{path} was written by another method or model (missing {missing[:3]}, "
+                    "the checkpoint was written by another method or model (missing {missing[:3]}, "
                     f"unexpected {unexpected[:3]}); resume with the config it was trained with"
                 )
         self.optimizer.load_state_dict(s["optimizer"])
@@ -322,22 +406,27 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
-    def _should_stop(self) -> int | None:
-        """The signal seen by any rank; all ranks agree, so they stop at the same step."""
+    def _agree(self, check_values: bool) -> tuple[int | None, int]:
+        """(stop signal seen by any rank, first non-finite step or -1), the same on every
+        rank so all stop at one step. check_values reads the guard's flag (a host sync)."""
         if self.world_size == 1:
-            return self._stop_signal
-        flag = torch.tensor([self._stop_signal or 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
+            return self._stop_signal, self.guard.first_bad_step() if check_values else -1
+        bad = self.guard.first_bad if check_values else self.guard.first_bad.new_tensor(-1)
+        flags = torch.stack([torch.tensor(self._stop_signal or 0, device=self.device), bad])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        sig, first_bad = flags.tolist()
+        return sig or None, first_bad
 
     def step(
         self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One step of the method; returns (loss, top-1 hits) as device tensors, never read
-        here. index: the batch's dataset indices (the memory bank needs them)."""
+        here, or None for a step dropped by --on-nonfinite skip. index: the batch's dataset
+        indices (the memory bank needs them)."""
         lr = lr_at(self.cfg, self.global_step, self.steps_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        self.guard.snapshot()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
             if self.is_moco:
                 loss, aux, rank = self.model(im_q, im_k)
@@ -345,6 +434,8 @@ class Trainer:
                 loss, aux, rank = self.model(im_q, im_k, index)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.guard.drop(self.guard.observe(loss, self.model.encoder_q.parameters())):
+            return None  # --on-nonfinite skip: nothing of this step reaches the state
         self.scaler.step(self.optimizer)
         self.scaler.update()
         m = None  # the model's constant m
@@ -374,6 +465,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=dev)
         hits = torch.zeros((), device=dev, dtype=torch.long)
         win_loss, win_steps, win_t0 = torch.zeros((), device=dev), 0, time.perf_counter()
+        win_skipped0 = self.guard.skipped
         steps_done = 0
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -389,31 +481,43 @@ class Trainer:
         for im_q, im_k, _, n_bad in self.loader:
             im_q = im_q.to(dev, non_blocking=True, memory_format=self.mf)
             im_k = im_k.to(dev, non_blocking=True, memory_format=self.mf)
-            loss, h = self.step(im_q, im_k, self._batch_index())
+            stepped = self.step(im_q, im_k, self._batch_index())
             self.bad_images += int(n_bad)  # a CPU tensor from the loader: no device sync
-            loss_sum += loss
-            win_loss += loss
-            hits += h
-            steps_done += 1
+            if stepped is not None:  # None: dropped by --on-nonfinite skip
+                loss_sum += stepped[0]
+                win_loss += stepped[0]
+                hits += stepped[1]
+                steps_done += 1
             win_steps += 1
             self.step_in_epoch += 1
             self.global_step += 1
             bar.update(1)
             if self.on_step is not None:
                 self.on_step(self.global_step)
-            if win_steps == cfg.log_every or self.step_in_epoch == self.steps_per_epoch:
-                wl = win_loss.item() / win_steps  # the one host sync, every log_every steps
+            save_due = cfg.save_every and self.global_step - self.last_saved_step >= cfg.save_every
+            at_log = win_steps == cfg.log_every or self.step_in_epoch == self.steps_per_epoch
+            if at_log:
+                n_ok = win_steps - (self.guard.skipped - win_skipped0)  # steps not dropped
+                wl = win_loss.item() / n_ok if n_ok else None  # the one host sync per window
                 ips = win_steps * cfg.batch_size / (time.perf_counter() - win_t0)
                 lr = self.optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{wl:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
-                self.log.log("step", self.global_step, loss=wl, lr=lr, images_per_s=ips)
+                shown = "dropped" if wl is None else f"{wl:.3f}"
+                bar.set_postfix(loss=shown, lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+                extra = {"skipped_steps": self.guard.skipped} if self.guard.skipped else {}
+                self.log.log("step", self.global_step, loss=wl, lr=lr, images_per_s=ips, **extra)
                 win_loss.zero_()
-                win_steps, win_t0 = 0, time.perf_counter()
-            # across ranks the agreement costs a collective: only at log boundaries
-            at_boundary = self.world_size == 1 or win_steps == 0
-            if at_boundary and self._should_stop():
-                bar.close()
-                raise _StopRequested()
+                win_steps, win_t0, win_skipped0 = 0, time.perf_counter(), self.guard.skipped
+            # across ranks the agreement costs a collective: only at log boundaries and saves
+            if self.world_size == 1 or at_log or save_due:
+                sig, first_bad = self._agree(check_values=at_log or bool(save_due))
+                if first_bad >= 0:
+                    bar.close()
+                    raise _NonFinite(first_bad + 1)  # counted from 1, as in metrics.jsonl
+                if sig:
+                    bar.close()
+                    raise _StopRequested()
+                if save_due and self.step_in_epoch < self.steps_per_epoch:
+                    self.save()  # the epoch's end saves after its kNN
         bar.close()
         n = max(steps_done, 1)
         top1 = 100.0 * hits.item() / (n * cfg.batch_size // self.world_size)
@@ -421,7 +525,7 @@ class Trainer:
 
     def fit(self) -> dict:
         handlers = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: leave signals alone
@@ -481,14 +585,15 @@ class Trainer:
                 self.step_in_epoch = 0
                 self.save()
         except _StopRequested:
-            path = self.save()
+            try:
+                path = self.save()
+            except _NonFinite as e:
+                return self._nonfinite(e)
             if self.is_main:
                 print(f"\ninterrupted: checkpoint saved to {path}", flush=True)
-                torch.save(
-                    {"interrupted": self._stop_signal or signal.SIGTERM}, self.out / "results.pt"
-                )
-            self._wait_for_results_file()
-            return {}
+            return {"out": str(self.out), "interrupted": self._stop_signal or signal.SIGTERM}
+        except _NonFinite as e:
+            return self._nonfinite(e)
         results = {
             "out": str(self.out),
             "knn_random": self.knn_random,
@@ -498,14 +603,16 @@ class Trainer:
             "history": self.history,
             "seconds": time.perf_counter() - t_start,
             "bad_images": self.bad_images,
+            "skipped_steps": self.guard.skipped,
         }
         if self.is_main:
             plot_curves(
                 self.history, self.knn_random, self.out / "curves.png", f"fastmoco {cfg.preset}"
             )
-            torch.save(results, self.out / "results.pt")
             if cfg.skip_bad_images and self.bad_images:
                 print(f"skipped {self.bad_images} unreadable image reads", flush=True)
+            if self.guard.skipped:
+                print(f"dropped {self.guard.skipped} steps with NaN/inf values", flush=True)
             if results["knn_final"] is not None:
                 print(
                     f"kNN top-1 on the val split: trained {results['knn_final']:.2f}% "
@@ -513,14 +620,22 @@ class Trainer:
                     flush=True,
                 )
             print(f"run written to {self.out} (checkpoint.pt, metrics.jsonl, tb/, curves.png)")
-        self._wait_for_results_file()
         return results
 
-    def _wait_for_results_file(self) -> None:
-        """Under torchrun every rank's train() reads rank 0's results.pt next."""
-        if self.world_size > 1:
-            dist.barrier()
+    def _nonfinite(self, e: "_NonFinite") -> dict:
+        if self.is_main and e.detail:
+            print(f"fastmoco: {e.detail}", flush=True)
+        last = self.last_checkpoint
+        if last is None and (self.out / ckpt.CHECKPOINT_NAME).is_file():
+            last = str(self.out / ckpt.CHECKPOINT_NAME)
+        return {"out": str(self.out), "nonfinite": e.step, "last_checkpoint": last}
 
 
 class _StopRequested(Exception):
     pass
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int, detail: str = ""):
+        super().__init__(step)
+        self.step, self.detail = step, detail

@@ -42,12 +42,23 @@ def bank_indices(n: int, bank_size: int, seed: int = 0) -> list[int] | None:
 
 
 def build_knn_loaders(
-    train_root, val_root, *, crop_size, mean, std, batch_size=256, workers=4, bank_size=0, seed=0
+    train_root,
+    val_root,
+    *,
+    crop_size,
+    mean,
+    std,
+    batch_size=256,
+    workers=4,
+    bank_size=0,
+    seed=0,
+    skip_bad_images=False,
 ):
     """(bank loader over train, query loader over val), this rank's shard of each. The bank
     is the labelled part of the train split (sources.bank_split: all of it, but STL-10's
     train split without its unlabeled images), at most bank_size of its images (a subset
-    fixed by seed; 0: all).
+    fixed by seed; 0: all). skip_bad_images: as in training, an unreadable image is
+    replaced by its readable successor.
 
     Below 64 px there is no resize margin to spare (the CIFAR demo's convention): the whole
     image is resized to the crop.
@@ -61,6 +72,7 @@ def build_knn_loaders(
         std=std,
         rank=rank,
         world_size=world_size,
+        skip_bad_images=skip_bad_images,
     )
     if crop_size < 64:
         ev["resize_size"] = crop_size

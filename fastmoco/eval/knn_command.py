@@ -26,11 +26,12 @@ def knn_command(
     arch=None,
     crop_size=None,
     verbose=True,
+    trust=False,
 ) -> float:
     """kNN top-1 (%) of the checkpoint's backbone; data defaults to the demo set it names,
     k and t to its training run's monitor (fastmoco checkpoints), else InstDisc's 200 and 0.1,
     so the number equals the one the run reported."""
-    backbone, _, p = load_backbone(pretrained, arch)
+    backbone, _, p = load_backbone(pretrained, arch, trust)
     monitor = p.config or {}
     k = k or monitor.get("knn_k", 200)
     t = t or monitor.get("knn_t", 0.1)
@@ -56,7 +57,13 @@ def knn_command(
         batch_size=batch_size,
         workers=workers,
     )
-    num_classes = len(loaders[0].dataset.classes)
+    classes, val_classes = loaders[0].dataset.classes, loaders[1].dataset.classes
+    if classes != val_classes:  # a label index would name different classes in the splits
+        raise UsageError(
+            f"train/ and val/ under {root} have different classes ({len(classes)} vs "
+            f"{len(val_classes)}): both need the same class subdirectories"
+        )
+    num_classes = len(classes)
     backbone.to(device)
     return knn_accuracy(
         backbone, *loaders, device, num_classes=num_classes, k=k, t=t, progress=verbose

@@ -85,6 +85,9 @@ class LinclsConfig:
     resume: str | None = None  # checkpoint path, run directory, or "auto"
     seed: int = 0
     progress: bool = True
+    trust_checkpoint: bool = (
+        False  # unpickle --pretrained fully (can run code: docs/reliability.md)
+    )
 
     def replace(self, **changes) -> "LinclsConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -144,7 +147,7 @@ def lincls(cfg: LinclsConfig) -> dict:
     check_config(cfg)
     if cfg.amp and cfg.amp_dtype == "fp16" and device != "cuda":
         raise UsageError("--amp-dtype fp16 needs CUDA; use bf16 on the CPU")
-    p = read_pretrained(cfg.pretrained, cfg.arch)  # fails early on a bad file
+    p = read_pretrained(cfg.pretrained, cfg.arch, cfg.trust_checkpoint)  # fails early if bad
     build_pretrained_backbone(p)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here
         print(describe(p, missing=FC_KEYS) + " (re-initialised: N(0, 0.01^2), bias 0)", flush=True)
@@ -164,12 +167,12 @@ def lincls(cfg: LinclsConfig) -> dict:
             f"images under {root / 'train'}); lower --batch-size"
         )
     out, resume_path = ckpt.prepare_run_dir(cfg.out, cfg.resume, f"lincls-{cfg.preset}")
-    launch(_lincls_rank, (cfg, str(root), str(out), resume_path), nprocs=cfg.gpus, device=device)
-    return torch.load(out / "results.pt", weights_only=False)
+    args = (cfg, str(root), str(out), resume_path)
+    return launch(_lincls_rank, args, nprocs=cfg.gpus, device=device)  # rank 0's results
 
 
-def _lincls_rank(cfg, root, out, resume_path):
-    LinearProbe(cfg, Path(root), Path(out), resume_path).fit()
+def _lincls_rank(cfg, root, out, resume_path) -> dict:
+    return LinearProbe(cfg, Path(root), Path(out), resume_path).fit()
 
 
 def train_transform(cfg: LinclsConfig) -> T.Compose:
@@ -186,7 +189,7 @@ def train_transform(cfg: LinclsConfig) -> T.Compose:
 
 class LinearProbe:
     def __init__(self, cfg: LinclsConfig, root: Path, out: Path, resume_path=None):
-        self.pretrained = read_pretrained(cfg.pretrained, cfg.arch)
+        self.pretrained = read_pretrained(cfg.pretrained, cfg.arch, cfg.trust_checkpoint)
         cfg = resolve_config(cfg, self.pretrained)
         self.cfg, self.out = cfg, out
         self.rank, self.world_size = world()
@@ -266,7 +269,7 @@ class LinearProbe:
         }
 
     def load(self, path: Path) -> None:
-        s = ckpt.load_checkpoint(path)
+        s = ckpt.load_resumable(path, self.cfg.trust_checkpoint)  # a file, or a run dir's newest
         if "state_dict" not in s or "history" not in s or "fc.weight" not in s["state_dict"]:
             raise UsageError(f"--resume {path}: not a fastmoco lincls checkpoint")
         self.fc.load_state_dict({k[3:]: v for k, v in s["state_dict"].items() if k in FC_KEYS})
@@ -388,13 +391,10 @@ class LinearProbe:
             "seconds": time.perf_counter() - t_start,
         }
         if self.is_main:
-            torch.save(results, self.out / "results.pt")
             print(
                 f"linear classification on the val split: top-1 {results['top1']:.2f}%, "
                 f"top-5 {results['top5']:.2f}% (best top-1 {self.best_top1:.2f}%); "
                 f"backbone unchanged; run written to {self.out}",
                 flush=True,
             )
-        if self.world_size > 1:
-            dist.barrier()  # every rank's lincls() reads results.pt next
-        return results
+        return results  # launch() hands rank 0's to the caller

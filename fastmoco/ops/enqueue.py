@@ -78,17 +78,30 @@ def enqueue_(
     ptr: 1-element int64 tensor on the queue's device, updated in place to (ptr + B) % K.
     backend: None picks per device (CUDA: "cuda", CPU: "torch"); "cuda" forces the extension
     op (its CPU kernel for CPU tensors), "torch" the index_copy_ path. Returns queue.
+    Keys beyond the range of a narrower queue dtype (fp32 keys into an fp16 queue) are
+    clamped to its largest finite value rather than becoming inf (checking them would need
+    a host sync); MoCo's keys are unit vectors, far inside every range.
     """
     _check_inputs(queue, ptr, keys)
     if _extension_usable(select_backend(backend, _BACKENDS, queue.device), queue.device):
-        extension_op()(queue, ptr, keys.detach().to(queue.dtype))
+        extension_op()(queue, ptr, _as_queue_dtype(keys, queue))
         return queue
     K, B = queue.shape[0], keys.shape[0]
     with torch.no_grad():
         rows = (ptr.reshape(()) + torch.arange(B, device=queue.device)) % K  # B rows, on device
-        queue.index_copy_(0, rows, keys.detach().to(queue.dtype))
+        queue.index_copy_(0, rows, _as_queue_dtype(keys, queue))
         ptr.add_(B).remainder_(K)
     return queue
+
+
+def _as_queue_dtype(keys: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+    """keys cast to the queue's dtype, clamped into its finite range when that is narrower."""
+    keys = keys.detach()
+    if keys.is_floating_point() and queue.is_floating_point():
+        top = torch.finfo(queue.dtype).max
+        if torch.finfo(keys.dtype).max > top:
+            keys = keys.clamp(-top, top)
+    return keys.to(queue.dtype)
 
 
 def _extension_usable(backend: str, device: torch.device) -> bool:
