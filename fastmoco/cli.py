@@ -1,4 +1,4 @@
-"""`fastmoco train | knn | lincls | export | compare`: the whole command line.
+"""`fastmoco train | knn | lincls | export | compare | bench`: the whole command line.
 
 Every parser is here, in argument groups; `fastmoco <command> --help` is each command's
 manual. The flags of `train` and `lincls` are made from the fields of TrainConfig and
@@ -108,9 +108,24 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
         ),
         "lr_steps": "epochs where --schedule step multiplies the lr by 0.1",
         "warmup_epochs": "linear warm-up epochs",
-        "amp": "mixed precision (autocast)",
-        "amp_dtype": ("fp16 uses a GradScaler, CUDA only", dict(choices=["bf16", "fp16"])),
-        "channels_last": "NHWC memory format",
+        "amp": "mixed precision (autocast); on CUDA it implies --channels-last unless "
+        "--no-channels-last is given",
+        "amp_dtype": (
+            "bf16 needs no scaler; fp16 uses a GradScaler (CUDA only, not captured)",
+            dict(choices=["bf16", "fp16"]),
+        ),
+        "channels_last": "NHWC memory format (default: on with --amp on CUDA, off otherwise)",
+        "queue_dtype": (
+            "dtype of the MoCo queue: auto = the AMP dtype under --amp (the fused InfoNCE "
+            "then reads bf16 keys on tensor cores), else fp32",
+            dict(choices=["auto", "fp32", "bf16", "fp16"]),
+        ),
+        "cuda_graph": (
+            "run the whole step as one captured CUDA graph: auto = on CUDA when the "
+            "configuration allows it (the run's first lines say which step runs and why), "
+            "on = stop if it cannot, off = eager (docs/step.md)",
+            dict(choices=["auto", "on", "off"]),
+        ),
     },
     "kNN monitor (weighted kNN on DIR/val, bank = DIR/train)": {
         "knn_every": "epochs between kNN evaluations; 0: off; default: the fewest that keep "
@@ -509,6 +524,62 @@ def cmd_compare(args) -> int:
     return 0
 
 
+# --- bench -----------------------------------------------------------------------------------
+
+
+def _bench_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench",
+        help="images/s and peak memory of one training step, fastmoco vs the official step",
+        description=(
+            "Time one MoCo v2 training step on device-resident random images: the official "
+            "main_moco.py step (fp32, reproduced) as the baseline, fastmoco's step eager "
+            "(AMP bf16, channels_last on CUDA) and as a CUDA graph, each with an fp32 and a "
+            "bf16 queue, and the networks alone (the floor). --data adds a row fed by the "
+            "real loader. CUDA: ResNet-50 224 px at batch 32 and 256, ResNet-18 32 px at "
+            "batch 512, K 65536; CPU: a tiny size (docs/step.md)."
+        ),
+    )
+    g = p.add_argument_group("what to measure")
+    g.add_argument(
+        "--size",
+        action="append",
+        metavar="ARCH:CROP:BATCH",
+        help="e.g. resnet50:224:32; repeat for several (default: the sizes above)",
+    )
+    g.add_argument("--queue-size", type=int, metavar="K", help="K (65536 on CUDA, 4096 on CPU)")
+    g.add_argument("--data", metavar="DIR", help="ImageFolder (or DIR/train) for the loader row")
+    g = p.add_argument_group("run")
+    g.add_argument("--steps", type=int, help="timed steps per row (20 on CUDA, 3 on the CPU)")
+    g.add_argument("--warmup", type=int, help="untimed steps first (5 on CUDA, 1 on the CPU)")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when visible")
+    g.add_argument("--out", metavar="FILE", help="also write the table there (markdown)")
+    return p
+
+
+def cmd_bench(args) -> int:
+    from fastmoco.engine.step_bench import parse_size, run_bench
+
+    try:
+        sizes = [parse_size(s) for s in args.size] if args.size else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    data = None
+    if args.data is not None:
+        data = Path(args.data)
+        data = data / "train" if (data / "train").is_dir() else data
+        if not data.is_dir():
+            raise UsageError(f"--data {args.data}: not a directory")
+    _, table = run_bench(
+        args.device, sizes=sizes, K=args.queue_size, steps=args.steps, warmup=args.warmup,
+        data=None if data is None else str(data),
+    )  # fmt: skip
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
 # --- main ------------------------------------------------------------------------------------
 
 COMMANDS = {
@@ -517,6 +588,7 @@ COMMANDS = {
     "lincls": (_lincls_parser, cmd_lincls),
     "export": (_export_parser, cmd_export),
     "compare": (_compare_parser, cmd_compare),
+    "bench": (_bench_parser, cmd_bench),
 }
 
 

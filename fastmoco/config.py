@@ -60,7 +60,14 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     amp: bool = False
     amp_dtype: str = "bf16"  # bf16, or fp16 with GradScaler (CUDA only)
-    channels_last: bool = False
+    # None: on with --amp on CUDA (the mission pairs channels-last with AMP; NHWC lets
+    # cuDNN run the AMP convolutions on tensor cores without transposes)
+    channels_last: bool | None = None
+    # the MoCo queue's dtype: auto = the AMP dtype under --amp (the fused InfoNCE then reads
+    # bf16 keys on tensor cores), else fp32 (the official queue's dtype)
+    queue_dtype: str = "auto"
+    # auto: capture the step as one CUDA graph when the config allows (engine/step.py)
+    cuda_graph: str = "auto"
     # --- evaluation: weighted kNN (InstDisc) on the val split ---
     knn_k: int = 200
     knn_t: float = 0.1

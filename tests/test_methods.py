@@ -15,7 +15,7 @@ from fastmoco.engine import Interrupted, train
 from fastmoco.engine.trainer import check_config, momentum_at
 from fastmoco.errors import UsageError
 from fastmoco.models import DrLIM, MemoryBank, MoCoV3, SimCLR, build_model
-from fastmoco.models.mocov3 import in_batch_ctr
+from fastmoco.models.mocov3 import gathered_ctr, in_batch_ctr
 from fastmoco.ops import contrastive_margin_loss, info_nce
 
 TINY = dict(small_images=True, dim=16, mlp_hidden=32)
@@ -77,6 +77,27 @@ def test_v3_ctr_across_ranks_is_the_gathered_formula():
     # one rank: the same as the fused in-batch info_nce
     got, _ = in_batch_ctr(q[:N], k[:N], 0, T)
     torch.testing.assert_close(got.double(), info_nce(q[:N], k[:N], None, T), rtol=1e-6, atol=1e-6)
+
+
+def test_v3_ctr_across_ranks_on_the_fused_kernel():
+    """The fused kernel with stream column i + N r excluded (gathered_ctr) gives the
+    gathered formula's loss, ranks and query gradient, without the N x (N W) logits."""
+    g = torch.Generator().manual_seed(2)
+    W, N, C, T = 3, 4, 16, 0.2
+    q = torch.randn(W * N, C, generator=g)
+    k = F.normalize(torch.randn(W * N, C, generator=g), dim=1)
+    for r in range(W):
+        rows = slice(r * N, (r + 1) * N)
+        q64 = q[rows].double().requires_grad_()
+        want, want_rank = in_batch_ctr(q64, k.double(), r * N, T)
+        want.backward()
+        q32 = q[rows].clone().requires_grad_()
+        got, rank = gathered_ctr(q32, k[rows], k, r * N, T, backend="triton")
+        got.backward()
+        assert abs(got.item() - want.item()) / want.item() < 1e-5
+        assert torch.equal(rank, want_rank)
+        err = (q32.grad.double() - q64.grad).norm() / q64.grad.norm()
+        assert err < 1e-5, err
 
 
 def test_v3_heads_follow_the_official_code():

@@ -44,13 +44,14 @@ def test_train_writes_run(tiny_data, tmp_path):
 
 
 def test_train_amp_channels_last_and_knn_command(tiny_data, tmp_path, capsys):
-    """bf16 autocast + channels_last on the CPU; the key encoder stays fp32; `fastmoco knn`."""
+    """bf16 autocast + channels_last on the CPU; the key encoder stays fp32, the queue takes
+    the AMP dtype (--queue-dtype auto); `fastmoco knn`."""
     out = tmp_path / "run"
     res = train(tiny_cfg(tiny_data, out, epochs=1, amp=True, channels_last=True))
     assert all(math.isfinite(h["loss"]) for h in res["history"])
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert all(t.dtype == torch.float32 for t in ck["encoder_k"].values() if t.is_floating_point())
-    assert ck["queue"].dtype == torch.float32
+    assert ck["queue"].dtype == torch.bfloat16
     code = main(
         [
             "knn",
@@ -67,6 +68,9 @@ def test_train_amp_channels_last_and_knn_command(tiny_data, tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0 and "kNN top-1:" in text
     assert "k=5, t=0.1" in text  # the run's monitor settings, not InstDisc's k=200
+    # the run's first lines say which step runs and why, and the precision
+    assert "step: eager (CUDA graphs need a CUDA device (this run is on cpu))" in text
+    assert "precision: AMP bf16 autocast, channels_last on (given), queue bfloat16" in text
     top1 = float(text.split("kNN top-1:")[1].split("%")[0])
     assert top1 == pytest.approx(res["knn_final"], abs=1e-6)
     code = main(["knn", "--data", str(tiny_data), "--pretrained", str(tiny_data)])

@@ -13,8 +13,13 @@ weight decay (the paper's exclusion). Then heavy-ball momentum and the step:
 
 Every line runs as one torch._foreach_* call over all tensors of a group (the norms of all
 tensors in one kernel, the ratios as one stacked tensor), not a Python loop per tensor.
-apex's fused SGD/Adam are used for SGD/AdamW when apex imports and the parameters are on
-CUDA; otherwise torch's own (fused=True on CUDA).
+
+The learning rate may be a 0-d tensor on the parameters' device (the training step keeps
+it there, so a schedule changes it without a host read and a CUDA graph can replay the
+step): LARS multiplies by it; on CUDA, SGD and AdamW are torch's fused implementations,
+which read a tensor lr on the device (the foreach SGD would turn it into a Python scalar)
+and keep AdamW's step count there. `reads_lr_tensor` says whether an optimizer does.
+apex's fused SGD/Adam, which take a Python lr, are used only with graph_safe=False.
 """
 
 import torch
@@ -24,7 +29,12 @@ OPTIMIZERS = ("sgd", "lars", "adamw")
 
 class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or trust_coefficient <= 0:
+        if (
+            (not isinstance(lr, torch.Tensor) and lr < 0)
+            or weight_decay < 0
+            or not 0 <= momentum < 1
+            or trust_coefficient <= 0
+        ):
             raise ValueError(
                 f"LARS: need lr >= 0, weight_decay >= 0, 0 <= momentum < 1, trust_coefficient "
                 f"> 0; got {lr}, {weight_decay}, {momentum}, {trust_coefficient}"
@@ -52,7 +62,8 @@ class LARS(torch.optim.Optimizer):
             mus = [self._momentum_buffer(p) for p in adapt + plain]
             torch._foreach_mul_(mus, group["momentum"])
             torch._foreach_add_(mus, updates)
-            torch._foreach_add_(adapt + plain, mus, alpha=-group["lr"])
+            # lr * mu, then subtract: lr may be a float or a 0-d device tensor, same rounding
+            torch._foreach_sub_(adapt + plain, torch._foreach_mul(mus, group["lr"]))
         return loss
 
     @staticmethod
@@ -86,12 +97,15 @@ def _apex_optimizers():
 
 
 def build_optimizer(
-    name: str, params, *, lr: float, momentum: float, weight_decay: float
+    name: str, params, *, lr: float, momentum: float, weight_decay: float, graph_safe: bool = True
 ) -> torch.optim.Optimizer:
-    """The optimizer of a method: sgd (v1/v2), lars (v3 ResNet), adamw (v3 ViT)."""
+    """The optimizer of a method: sgd (v1/v2), lars (v3 ResNet), adamw (v3 ViT).
+
+    graph_safe: on CUDA, implementations that read a tensor lr on the device and never sync
+    (torch's fused SGD/AdamW); False allows apex's, which read a Python lr."""
     params = [p for p in params if p.requires_grad]  # a frozen patch projection stays out
     on_cuda = bool(params) and params[0].is_cuda
-    apex = _apex_optimizers() if on_cuda else None
+    apex = _apex_optimizers() if on_cuda and not graph_safe else None
     if name == "sgd":
         if apex is not None:
             return apex.FusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -103,5 +117,22 @@ def build_optimizer(
     if name == "adamw":
         if apex is not None:
             return apex.FusedAdam(params, lr=lr, weight_decay=weight_decay, adam_w_mode=True)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_cuda or None)
+        # capturable: the step count stays on the device and a graph may record the step
+        return torch.optim.AdamW(
+            params, lr=lr, weight_decay=weight_decay, fused=on_cuda or None, capturable=on_cuda
+        )
     raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def reads_lr_tensor(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step reads a 0-d tensor lr on the device, with no host read:
+    LARS (here), torch's fused SGD, and Adam/AdamW fused or capturable. The others (foreach
+    or per-tensor SGD, apex) take a Python float, which a captured graph would freeze."""
+    if isinstance(optimizer, LARS):
+        return True
+    groups = optimizer.param_groups
+    if isinstance(optimizer, torch.optim.SGD):
+        return all(g.get("fused") for g in groups)
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return all(g.get("fused") or g.get("capturable") for g in groups)
+    return False

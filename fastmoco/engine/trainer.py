@@ -1,9 +1,11 @@
 """The MoCo training loop: one process per device, torch.distributed across them.
 
 A step (MoCo paper, Algorithm 1): two views -> loss = InfoNCE(f_q(x_q), f_k(x_k), queue)
--> backward -> SGD step -> momentum update of f_k -> enqueue the global batch's keys.
-The step never syncs with the host: the queue pointer stays on the device and the loss is
-summed on the device and read every `log_every` steps.
+-> backward -> SGD step -> momentum update of f_k -> enqueue the global batch's keys, for
+any method, is the step object of engine/step.py (eager, or one captured CUDA graph). The
+trainer keeps the loop, logging, checkpoints and kNN. The step never syncs with the host:
+the queue pointer stays on the device and the loss is summed on the device and read every
+`log_every` steps.
 """
 
 import math
@@ -34,6 +36,7 @@ from .metrics import MetricsLog, plot_curves
 from .notices import startup_notices
 from .optim import OPTIMIZERS, build_optimizer
 from .resume import resume_config, truncate_records
+from .step import GRAPH_MODES, TrainStep, resolve_channels_last
 
 
 class Interrupted(Exception):
@@ -100,6 +103,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--bn-splits {cfg.bn_splits} must divide the per-device batch {per_rank}")
     if cfg.amp and cfg.amp_dtype not in ("bf16", "fp16"):
         raise UsageError(f"--amp-dtype {cfg.amp_dtype!r}: choose bf16 or fp16")
+    if cfg.cuda_graph not in GRAPH_MODES:
+        raise UsageError(f"--cuda-graph {cfg.cuda_graph!r}: choose one of {', '.join(GRAPH_MODES)}")
+    if cfg.queue_dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"--queue-dtype {cfg.queue_dtype!r}: choose fp32, bf16 or fp16")
 
 
 def data_roots(cfg: TrainConfig) -> tuple[str, str | None]:
@@ -163,6 +170,13 @@ def plan_run(cfg: TrainConfig, explicit, device: str, lock: ckpt.RunLock) -> Run
         cfg = cfg.replace(loader="torch")  # the bank needs the torch sampler's indices
     if cfg.amp and cfg.amp_dtype == "fp16" and device != "cuda":
         raise UsageError("--amp-dtype fp16 needs CUDA (GradScaler); use bf16 on the CPU")
+    if cfg.cuda_graph == "on" and device != "cuda":
+        raise UsageError("--cuda-graph on needs CUDA (this run is on the CPU); use auto or off")
+    if cfg.cuda_graph == "on" and cfg.amp and cfg.amp_dtype == "fp16":
+        raise UsageError(
+            "--cuda-graph on with --amp-dtype fp16: the GradScaler decides on the host whether "
+            "to skip a step, so that step is not captured; use --amp-dtype bf16 or --cuda-graph off"
+        )
     train_root, val_root = data_roots(cfg)
     source = open_source(train_root)  # fails early on a missing/empty dir
     samples = source.samples
@@ -230,7 +244,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = local_device(resolve_device(cfg.device, 1))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.channels_last = resolve_channels_last(cfg.channels_last, cfg.amp, self.device)
+        self.mf = torch.channels_last if self.channels_last else torch.contiguous_format
 
         self.loader = build_train_loader(
             train_root,
@@ -239,7 +254,7 @@ class Trainer:
             dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp_dtype]
             if cfg.amp
             else torch.float32,
-            channels_last=cfg.channels_last,
+            channels_last=self.channels_last,
             recipe=cfg.recipe,
             crop_size=cfg.crop_size,
             crop_scale=cfg.crop_scale,
@@ -275,7 +290,7 @@ class Trainer:
         num_samples = sampler.num_samples if sampler is not None else 1
         self.model = build_model(cfg, num_samples=num_samples).to_device(self.device)
         self.model.to(memory_format=self.mf)
-        self.is_moco = isinstance(self.model, MoCo)  # v1/v2: momentum update + enqueue
+        self.is_moco = isinstance(self.model, MoCo)  # checkpoints: the official v1/v2 layout
         if cfg.method == "mocov3" and self.world_size > 1 and self.device.type == "cuda":
             # global BN statistics, as the official v3 (SyncBN needs CUDA)
             for name in ("encoder_q", "encoder_k"):
@@ -287,15 +302,22 @@ class Trainer:
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
+            graph_safe=cfg.cuda_graph != "off",
         )
-        # the momentum as a device scalar: a schedule changes it without a host sync
-        self.momentum_t = torch.tensor(float(cfg.moco_m), device=self.device)
-        fp16 = cfg.amp and cfg.amp_dtype == "fp16"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        self.amp_dtype = torch.float16 if fp16 else torch.bfloat16
+        self.train_step = TrainStep(
+            self.model,
+            self.optimizer,
+            device=self.device,
+            amp=cfg.amp,
+            amp_dtype=cfg.amp_dtype,
+            momentum_schedule=cfg.moco_m_cos,
+            cuda_graph=cfg.cuda_graph,
+        )
+        self.scaler = self.train_step.scaler
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model.encoder_q = DDP(self.model.encoder_q, device_ids=ids)
+            with self.train_step.ddp_context():  # a graph captures DDP built on its stream
+                self.model.encoder_q = DDP(self.model.encoder_q, device_ids=ids)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history, self.knn_random, self.bad_images = [], None, 0
@@ -311,14 +333,14 @@ class Trainer:
             check_grads=not self.scaler.is_enabled(),  # fp16: the scaler drops overflows
             buffers=bn_statistics(self.model),
         )
+        self.train_step.attach_guard(self.guard)  # checked inside the step (captured with it)
         self.last_saved_step = self.global_step
         self.last_checkpoint = None
 
     # --- checkpoints -------------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
         """The model's own random streams (shuffle BN, negatives sampling), for exact resume."""
-        gens = (getattr(self.model, name, None) for name in ("shuffle_gen", "gen"))
-        return [g for g in gens if g is not None]
+        return self.model.generators()
 
     def _model_state(self) -> dict:
         """MoCo v1/v2: the official pieces by name; other methods: everything but encoder_q
@@ -379,6 +401,7 @@ class Trainer:
                     f"unexpected {unexpected[:3]}); resume with the config it was trained with"
                 )
         self.optimizer.load_state_dict(s["optimizer"])
+        self.train_step.bind_lr()  # the loaded groups hold the saved lr; read the step's
         self.scaler.load_state_dict(s["scaler"])
         ckpt.set_rng_states(s["rng"], *self._generators())
         self.epoch, self.step_in_epoch = s["epoch"], s["step_in_epoch"]
@@ -398,7 +421,7 @@ class Trainer:
             num_classes=self.num_classes,
             k=self.cfg.knn_k,
             t=self.cfg.knn_t,
-            channels_last=self.cfg.channels_last,
+            channels_last=self.channels_last,
             progress=self.cfg.progress and self.is_main,
         )
 
@@ -420,34 +443,13 @@ class Trainer:
     def step(
         self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One step of the method; returns (loss, top-1 hits) as device tensors, never read
-        here, or None for a step dropped by --on-nonfinite skip. index: the batch's dataset
+        """One step of the method (engine/step.py) at this step's lr and momentum; returns
+        (loss, top-1 hits) as device tensors, never read here, or None for a step dropped by
+        --on-nonfinite skip (the guard runs inside the step). index: the batch's dataset
         indices (the memory bank needs them)."""
-        lr = lr_at(self.cfg, self.global_step, self.steps_per_epoch)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.guard.snapshot()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
-            if self.is_moco:
-                loss, aux, rank = self.model(im_q, im_k)
-            else:
-                loss, aux, rank = self.model(im_q, im_k, index)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.guard.drop(self.guard.observe(loss, self.model.encoder_q.parameters())):
-            return None  # --on-nonfinite skip: nothing of this step reaches the state
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        m = None  # the model's constant m
-        if self.cfg.moco_m_cos:
-            m = self.momentum_t
-            m.fill_(momentum_at(self.cfg, self.global_step, self.steps_per_epoch))
-        if self.is_moco:
-            self.model.momentum_update_key_encoder(m)
-            self.model.dequeue_and_enqueue(aux)
-        else:
-            self.model.after_step(aux, index, m)
-        return loss.detach(), (rank == 0).sum()
+        cfg, t, n = self.cfg, self.global_step, self.steps_per_epoch
+        m = momentum_at(cfg, t, n) if cfg.moco_m_cos else None
+        return self.train_step(im_q, im_k, index, lr=lr_at(cfg, t, n), momentum=m)
 
     def _batch_index(self) -> torch.Tensor | None:
         """Dataset indices of the batch at step_in_epoch: the loader's batch sampler is
@@ -475,7 +477,7 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        if getattr(self.model, "needs_index", False):
+        if self.model.needs_index:
             idx = self.loader.batch_sampler.epoch_indices()
             self.epoch_index = torch.tensor(idx, dtype=torch.long, device=dev)
         for im_q, im_k, _, n_bad in self.loader:
@@ -500,7 +502,7 @@ class Trainer:
                 n_ok = win_steps - (self.guard.skipped - win_skipped0)  # steps not dropped
                 wl = win_loss.item() / n_ok if n_ok else None  # the one host sync per window
                 ips = win_steps * cfg.batch_size / (time.perf_counter() - win_t0)
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.train_step.lr_value  # the host's copy: no read of the device's
                 shown = "dropped" if wl is None else f"{wl:.3f}"
                 bar.set_postfix(loss=shown, lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                 extra = {"skipped_steps": self.guard.skipped} if self.guard.skipped else {}
@@ -550,6 +552,8 @@ class Trainer:
             print(f"loader: {self.loader.description}", flush=True)
             for line in startup_notices(cfg, self.world_size, self.loader.description):
                 print(line, flush=True)
+            print(self.train_step.describe(), flush=True)
+            print(precision_line(cfg, self.channels_last, self.model), flush=True)
         if self.knn_random is None and self.global_step == 0:
             self.knn_random = self.knn()
             if self.is_main and self.knn_random is not None:
@@ -629,6 +633,16 @@ class Trainer:
         if last is None and (self.out / ckpt.CHECKPOINT_NAME).is_file():
             last = str(self.out / ckpt.CHECKPOINT_NAME)
         return {"out": str(self.out), "nonfinite": e.step, "last_checkpoint": last}
+
+
+def precision_line(cfg: TrainConfig, channels_last: bool, model) -> str:
+    """AMP, memory format and queue dtype, said once at the start of a run."""
+    amp = f"AMP {cfg.amp_dtype} autocast" if cfg.amp else "fp32 (no AMP)"
+    how = "given" if cfg.channels_last is not None else "default: on with --amp on CUDA"
+    fmt = f"channels_last {'on' if channels_last else 'off'} ({how})"
+    queue = getattr(model, "queue", None)
+    q = f", queue {str(queue.dtype).removeprefix('torch.')}" if queue is not None else ""
+    return f"precision: {amp}, {fmt}{q}"
 
 
 class _StopRequested(Exception):

@@ -29,8 +29,9 @@ import torch
 from fastmoco.config import PRESETS, TrainConfig
 from fastmoco.engine.memory import peak_extra_bytes
 from fastmoco.engine.optim import build_optimizer
+from fastmoco.engine.step import TrainStep
 from fastmoco.errors import UsageError
-from fastmoco.models import MoCo, build_model
+from fastmoco.models import build_model
 
 MECHANISMS = {"end-to-end": "simclr", "memory bank": "membank", "moco": "moco"}
 CPU_KS = (256, 1024, 4096)
@@ -45,26 +46,11 @@ def mechanism_config(base: TrainConfig, mechanism: str, K: int) -> TrainConfig:
     return base.replace(method=method, queue_size=K)
 
 
-def _train_step(model, optimizer, im_q, im_k, index):
-    """One step as the trainer runs it (forward, backward, optimizer, the method's update)."""
-    if isinstance(model, MoCo):
-        loss, k, _ = model(im_q, im_k)
-    else:
-        loss, aux, _ = model(im_q, im_k, index)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if isinstance(model, MoCo):
-        model.momentum_update_key_encoder()
-        model.dequeue_and_enqueue(k)
-    else:
-        model.after_step(aux, index, None)
-
-
 def measure_step(
     cfg: TrainConfig, device: torch.device, *, num_samples: int, steps: int = 5, warmup: int = 2
 ) -> tuple[float, int]:
-    """(median seconds per training step, peak extra bytes of one step) on random batches."""
+    """(median seconds per training step, peak extra bytes of one step) on random batches,
+    the trainer's step object (engine/step.py) run eagerly, whatever the method."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_samples=num_samples).to_device(device).train()
     opt = build_optimizer(
@@ -74,21 +60,25 @@ def measure_step(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
+    step = TrainStep(model, opt, device=device, amp=cfg.amp, amp_dtype=cfg.amp_dtype)
     N, s = cfg.batch_size, cfg.crop_size
     im_q, im_k = (torch.randn(N, 3, s, s, device=device) for _ in range(2))
-    index = torch.randperm(num_samples, device=device)[:N]
+    index = torch.randperm(num_samples, device=device)[:N] if model.needs_index else None
+
+    def one_step():
+        step(im_q, im_k, index, lr=1e-3)
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        _train_step(model, opt, im_q, im_k, index)
+        one_step()
     times = []
     for _ in range(steps):
         sync()
         t0 = time.perf_counter()
-        _train_step(model, opt, im_q, im_k, index)
+        one_step()
         sync()
         times.append(time.perf_counter() - t0)
-    peak = peak_extra_bytes(lambda: _train_step(model, opt, im_q, im_k, index), device)
-    return statistics.median(times), peak
+    return statistics.median(times), peak_extra_bytes(one_step, device)
 
 
 def run_comparison(

@@ -1,12 +1,14 @@
 """Builders of every method: MoCo v1/v2/v3, SimCLR end-to-end, memory bank, DrLIM.
 
-Each method is an nn.Module with the same small interface, which the trainer drives:
-encoder_q (every trained parameter; the trainer wraps it in DDP), query_encoder() (it,
-unwrapped; `.backbone` is what kNN, linear eval and export use), to_device(device), and a
-step as forward(view1, view2[, index]) -> (loss, aux, rank) followed, after the optimizer
-step, by the method's update (MoCo v1/v2: momentum update + enqueue; the others:
-after_step(aux, index, m)).
+Every method is a ContrastiveMethod (base.py), the one interface the training step
+(fastmoco/engine/step.py) drives without knowing which method it runs: encoder_q (every
+trained parameter; the trainer wraps it in DDP), query_encoder() (it, unwrapped;
+`.backbone` is what kNN, linear eval and export use), to_device(device), forward(x_q, x_k,
+index=None) -> (loss, aux, rank), after_step(aux, index, momentum) after the optimizer
+step, needs_index, and the random streams a CUDA graph registers.
 """
+
+import torch
 
 from .backbones import (
     ARCHS,
@@ -16,6 +18,7 @@ from .backbones import (
     build_backbone,
     probe_feature_dim,
 )
+from .base import ContrastiveMethod
 from .membank import MemoryBank
 from .moco import MoCo, projection_head
 from .mocov3 import MoCoV3
@@ -24,6 +27,14 @@ from .vit import VIT_ARCHS, build_vit
 
 METHODS = ("moco", "mocov3", "simclr", "membank", "drlim")
 ALL_ARCHS = ARCHS + VIT_ARCHS
+
+
+def queue_dtype(cfg) -> torch.dtype:
+    """--queue-dtype: fp32, bf16 or fp16; auto is the AMP dtype under --amp, else fp32."""
+    name = cfg.queue_dtype
+    if name == "auto":
+        name = cfg.amp_dtype if cfg.amp else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def build_model(cfg, *, num_samples: int = 1):
@@ -41,6 +52,7 @@ def build_model(cfg, *, num_samples: int = 1):
             shuffle_bn=cfg.shuffle_bn,
             bn_splits=cfg.bn_splits,
             seed=cfg.seed,
+            queue_dtype=queue_dtype(cfg),
             **common,
         )
     if cfg.method == "mocov3":
@@ -74,6 +86,7 @@ def build_model(cfg, *, num_samples: int = 1):
 
 __all__ = [
     "ALL_ARCHS",
+    "ContrastiveMethod",
     "ARCHS",
     "METHODS",
     "VIT_ARCHS",

@@ -19,16 +19,17 @@ applies the update of the whole global batch (gathered), so the banks stay ident
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastmoco.ops import info_nce
 from fastmoco.ops.distributed import all_gather_cat
 
+from .base import ContrastiveMethod
 from .moco import Encoder
 
 
-class MemoryBank(nn.Module):
-    needs_index = True  # the trainer passes each batch's dataset indices
+class MemoryBank(ContrastiveMethod):
+    needs_index = True  # the step passes each batch's dataset indices
+    random_streams = ("gen",)  # the sampled negatives
 
     def __init__(
         self,
@@ -56,16 +57,7 @@ class MemoryBank(nn.Module):
         # Seeded identically on every rank: all ranks sample the same negatives.
         self.gen = torch.Generator().manual_seed(seed + 1)
 
-    def query_encoder(self) -> Encoder:
-        return getattr(self.encoder_q, "module", self.encoder_q)
-
-    def to_device(self, device: torch.device) -> "MemoryBank":
-        self.to(device)
-        if self.gen.device != device:
-            self.gen = torch.Generator(device=device).manual_seed(self.gen.initial_seed())
-        return self
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, index: torch.Tensor):
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, index: torch.Tensor | None = None):
         """(loss, unit features q to store in after_step, rank of the positive among K)."""
         q = self.encoder_q(x1)  # N x C
         positives = self.bank[index]  # N x C, a copy: the update cannot reach it
@@ -77,7 +69,7 @@ class MemoryBank(nn.Module):
         return loss, F.normalize(q.detach().float(), dim=1), rank
 
     @torch.no_grad()
-    def after_step(self, q: torch.Tensor, index: torch.Tensor, m=None) -> None:
+    def after_step(self, q: torch.Tensor, index: torch.Tensor, momentum=None) -> None:
         """bank[i] <- normalize(bank_m * bank[i] + (1 - bank_m) * q_i) for the global batch."""
         q, index = all_gather_cat(q), all_gather_cat(index)
         mixed = self.bank[index] * self.bank_m + q * (1 - self.bank_m)

@@ -25,6 +25,7 @@ from fastmoco.ops import enqueue_, info_nce, momentum_update_
 from fastmoco.ops.distributed import all_gather_cat, world
 
 from .backbones import backbone_from
+from .base import ContrastiveMethod
 
 
 def projection_head(in_dim: int, dim: int, mlp_hidden: int | None) -> nn.Module:
@@ -55,7 +56,9 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-class MoCo(nn.Module):
+class MoCo(ContrastiveMethod):
+    random_streams = ("shuffle_gen",)
+
     def __init__(
         self,
         arch: str | nn.Module = "resnet50",
@@ -70,13 +73,15 @@ class MoCo(nn.Module):
         bn_splits: int = 1,
         seed: int = 0,
         feat_dim: int | None = None,
+        queue_dtype: torch.dtype = torch.float32,
     ):
         """arch: a backbone name, or an nn.Module mapping images to (N, D) features (timm,
         torchvision without fc, your own), D = feat_dim or found by one forward; the key
         encoder gets a copy. dim: feature dimension C; K: queue size; m: key-encoder
         momentum; T: temperature; mlp_hidden: 0 for v1's fc head, None for v2's MLP head of
         the backbone's width (or a width); bn_splits: BN groups per device, so shuffle BN is
-        faithful on one device (8 simulates 8 GPUs)."""
+        faithful on one device (8 simulates 8 GPUs); queue_dtype: float32, or bfloat16 under
+        AMP (the fused InfoNCE then runs on bf16 tensor cores)."""
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.shuffle_bn = shuffle_bn
@@ -89,22 +94,12 @@ class MoCo(nn.Module):
         self.encoder_k.requires_grad_(False)
 
         # queue: K x C of unit keys (the paper's C x K, transposed so that rows are keys)
-        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
+        queue = F.normalize(torch.randn(K, dim), dim=1).to(queue_dtype)
+        self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # Seeded identically on every rank, so all ranks draw the same shuffle permutation
-        # without the broadcast the official code does; moved with the model in to_device().
+        # without the broadcast the official code does; to_device() moves it.
         self.shuffle_gen = torch.Generator().manual_seed(seed)
-
-    def query_encoder(self) -> nn.Module:
-        """encoder_q without a DDP wrapper, for the momentum update, kNN and checkpoints."""
-        return getattr(self.encoder_q, "module", self.encoder_q)
-
-    def to_device(self, device: torch.device) -> "MoCo":
-        self.to(device)
-        if self.shuffle_gen.device != device:
-            seed = self.shuffle_gen.initial_seed()
-            self.shuffle_gen = torch.Generator(device=device).manual_seed(seed)
-        return self
 
     @torch.no_grad()
     def momentum_update_key_encoder(self, m: float | torch.Tensor | None = None) -> None:
@@ -135,11 +130,21 @@ class MoCo(nn.Module):
         unshuffle = torch.argsort(perm)
         return k_all[unshuffle].view(world_size, B, -1)[rank]
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
-        """Returns (loss, k, rank): the InfoNCE loss, this rank's unit keys (N x C, fp32, to
-        enqueue after the optimizer step), and the positive's rank among the negatives
-        (rank == 0 is a top-1 hit) without materialising the N x (1+K) logits."""
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index=None):
+        """Returns (loss, k, rank): the InfoNCE loss, this rank's unit keys (N x C, in the
+        queue's dtype, to enqueue after the optimizer step), and the positive's rank among
+        the negatives (rank == 0 is a top-1 hit) without materialising the N x (1+K) logits."""
         q = self.encoder_q(im_q)  # queries: N x C
         k = self._keys(im_k)  # keys: N x C
+        if self.queue.dtype != torch.float32:
+            # a bf16 (fp16) queue: queries and keys in its dtype too, so that the fused
+            # InfoNCE multiplies on the tensor cores rather than in its mixed-dtype fp32 path
+            q, k = q.to(self.queue.dtype), k.to(self.queue.dtype)
         loss, rank = info_nce(q, k, self.queue, self.T, return_stats=True)
         return loss, k, rank
+
+    @torch.no_grad()
+    def after_step(self, k: torch.Tensor, index=None, momentum=None) -> None:
+        """The paper's last two lines: momentum update of f_k, then enqueue the keys."""
+        self.momentum_update_key_encoder(momentum)
+        self.dequeue_and_enqueue(k)

@@ -17,8 +17,10 @@ independent of T (the paper's Algorithm 1). On one rank ctr is fastmoco.ops.info
 queue=None (fused, logits never built on CUDA); across ranks each row's negatives are its
 rank's other keys plus every other rank's keys, which no single queue argument of info_nce
 expresses (a queue is shared by all rows, so the local keys would either be missing or
-count the positive twice): there the N x (N * world) logits are built, the size of the
-global batch, as the official code does.
+count the positive twice). There the fused kernel streams the gathered keys with column
+i + N * rank excluded (its column-exclusion `shift`) and the positive given apart, so the
+N x (N * world) logits are not built either; without the kernels (CPU, fp64) they are,
+as the official code does (in_batch_ctr).
 
 Heads (official code, where it differs from the paper's "3-layer projector" for both):
 ResNet: projector 2 layers 2048-4096-256, predictor 2 layers 256-4096-256 without a last BN;
@@ -36,8 +38,10 @@ from torch import nn
 
 from fastmoco.ops import info_nce, momentum_update_
 from fastmoco.ops.distributed import all_gather_cat, world
+from fastmoco.ops.info_nce import FALLBACK, kernel_kind, use_triton
 
 from .backbones import backbone_from
+from .base import ContrastiveMethod
 from .vit import VIT_ARCHS, build_vit
 
 
@@ -111,9 +115,25 @@ def in_batch_ctr(q: torch.Tensor, k_all: torch.Tensor, offset: int, T: float):
     return F.cross_entropy(logits, labels), rank
 
 
-class MoCoV3(nn.Module):
-    needs_index = False
+def gathered_ctr(q, k, k_all, offset: int, T: float, *, backend: str | None = None):
+    """in_batch_ctr(q, k_all, offset, T) without the logits when the fused kernels take the
+    inputs: k (N, C) are this rank's unit keys, k_all[offset:offset + N] the same rows;
+    the kernel excludes stream column (i + offset) mod M, so row i's positive is counted
+    once, from k, and every other gathered key is a negative. backend: None picks (CUDA:
+    the kernels), "triton" forces them, "torch" the formula."""
+    if use_triton(backend, q, k, k_all):
+        try:
+            from fastmoco.ops._info_nce_fused import fused_loss
 
+            return fused_loss(
+                q, k, k_all, T, normalize=True, normalize_stream=True, excl_self=False, shift=offset
+            )
+        except Exception as err:  # noqa: BLE001 - FALLBACK re-raises all but kernel failures
+            FALLBACK.handle(backend, kernel_kind(q, k, k_all), err)
+    return in_batch_ctr(q, k_all, offset, T)
+
+
+class MoCoV3(ContrastiveMethod):
     def __init__(
         self,
         arch: str = "resnet50",
@@ -141,19 +161,13 @@ class MoCoV3(nn.Module):
             frozen_patch_proj=frozen_patch_proj,
         )
 
-    def query_encoder(self) -> PredictorEncoder:
-        return getattr(self.encoder_q, "module", self.encoder_q)
-
-    def to_device(self, device: torch.device) -> "MoCoV3":
-        return self.to(device)
-
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor):
         """ctr(q, k) * 2T over the global batch's keys; (loss, rank of each positive)."""
         rank, world_size = world()
         if world_size == 1:
             loss, pos_rank = info_nce(q, k, None, self.T, return_stats=True)
         else:
-            loss, pos_rank = in_batch_ctr(q, all_gather_cat(k), q.shape[0] * rank, self.T)
+            loss, pos_rank = gathered_ctr(q, k, all_gather_cat(k), q.shape[0] * rank, self.T)
         return loss * (2 * self.T), pos_rank
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, index=None):
@@ -167,7 +181,8 @@ class MoCoV3(nn.Module):
         return loss12 + loss21, None, rank
 
     @torch.no_grad()
-    def after_step(self, aux, index=None, m: float | torch.Tensor | None = None) -> None:
+    def after_step(self, aux, index=None, momentum=None) -> None:
         """f_k <- m f_k + (1 - m) f_q (backbone and projector; the predictor has no twin)."""
         source = self.query_encoder().base_parameters()
-        momentum_update_(list(self.encoder_k.parameters()), source, self.m if m is None else m)
+        m = self.m if momentum is None else momentum
+        momentum_update_(list(self.encoder_k.parameters()), source, m)

@@ -15,16 +15,14 @@ contrastive_margin_loss over the 2N pairs with the paper's margin.
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastmoco.ops import contrastive_margin_loss, nt_xent
 
+from .base import ContrastiveMethod
 from .moco import Encoder
 
 
-class SimCLR(nn.Module):
-    needs_index = False
-
+class SimCLR(ContrastiveMethod):
     def __init__(
         self,
         arch: str = "resnet50",
@@ -42,24 +40,15 @@ class SimCLR(nn.Module):
             arch, dim=dim, mlp_hidden=mlp_hidden, small_images=small_images, bn_splits=bn_splits
         )
 
-    def query_encoder(self) -> Encoder:
-        return getattr(self.encoder_q, "module", self.encoder_q)
-
-    def to_device(self, device: torch.device) -> "SimCLR":
-        return self.to(device)
-
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, index=None):
         """(loss over the 2N views, None, rank of view 1's positives among 2N - 2)."""
         z1, z2 = self.encoder_q(x1), self.encoder_q(x2)  # N x dim each
         loss, rank = nt_xent(z1, z2, self.T, return_stats=True)
         return loss, None, rank[: x1.shape[0]]
 
-    def after_step(self, aux, index=None, m=None) -> None:
-        """Nothing to update: no key encoder, no queue."""
 
-
-class DrLIM(nn.Module):
-    needs_index = False
+class DrLIM(ContrastiveMethod):
+    random_streams = ("gen",)
 
     def __init__(
         self,
@@ -80,15 +69,6 @@ class DrLIM(nn.Module):
         )
         self.gen = torch.Generator().manual_seed(seed)  # the negative pairs' shift
 
-    def query_encoder(self) -> Encoder:
-        return getattr(self.encoder_q, "module", self.encoder_q)
-
-    def to_device(self, device: torch.device) -> "DrLIM":
-        self.to(device)
-        if self.gen.device != device:
-            self.gen = torch.Generator(device=device).manual_seed(self.gen.initial_seed())
-        return self
-
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, index=None):
         """(loss over N similar + N dissimilar pairs, None, 1 where the negative is closer)."""
         N = x1.shape[0]
@@ -103,6 +83,3 @@ class DrLIM(nn.Module):
         with torch.no_grad():
             rank = ((z1 - z2_neg).norm(dim=1) < (z1 - z2).norm(dim=1)).long()
         return loss, None, rank
-
-    def after_step(self, aux, index=None, m=None) -> None:
-        """Nothing to update."""
