@@ -291,7 +291,7 @@ def tree_bytes(root):
 def test_demo_is_deterministic_and_cached(tmp_path, monkeypatch):
     root = demo_dataset(seed=0, spec=SMALL, progress=False)
     assert root.parent == tmp_path / "cache"
-    assert root.name.startswith("demo-v1-seed0-32px-2x4+2-")
+    assert root.name.startswith("demo-v2-seed0-32px-2x4+2-")
     for split, n in (("train", 8), ("val", 4)):
         samples, classes = scan_image_folder(root / split)
         assert len(samples) == n and classes == ["ring", "star"]
@@ -313,7 +313,7 @@ def test_demo_is_deterministic_and_cached(tmp_path, monkeypatch):
     pooled = demo_mod.write_demo(tmp_path / "pooled", seed=0, spec=SMALL, progress=False)
     assert tree_bytes(pooled) == first
     other = demo_dataset(seed=1, spec=SMALL, progress=False)
-    assert other != root and other.name.startswith("demo-v1-seed1-")
+    assert other != root and other.name.startswith("demo-v2-seed1-")
     other_bytes = tree_bytes(other)
     assert other_bytes.keys() == first.keys()
     assert all(other_bytes[p] != first[p] for p in first if p.endswith(".jpg"))
@@ -374,7 +374,7 @@ def test_demo_command_and_contact_sheet(tmp_path, capsys):
     demo_mod.main(["--out", str(tmp_path / "demo"), "--seed", "3", "--no-progress"])
     seconds = time.perf_counter() - t0
     out = capsys.readouterr().out
-    assert "train: 3000 images in 10 classes" in out and "val: 1000 images in 10 classes" in out
+    assert "train: 1500 images in 10 classes" in out and "val: 500 images in 10 classes" in out
     assert seconds < 30  # the default set; about 2-3 s on 2 cores
     png = demo_contact_sheet(tmp_path / "demo", tmp_path / "sheet.png", per_class=4)
     assert Image.open(png).size == (80 + 4 * 128, 10 * 128)

@@ -8,6 +8,7 @@ iteration yielding (view1, view2, target, n_bad), and a `description` the traine
 Order and sharding: sampler.ShardedBatchSampler.
 """
 
+import os
 import signal
 from collections.abc import Iterator, Sequence
 
@@ -25,6 +26,34 @@ from fastmoco.data.folder import ImageFolderDataset
 from fastmoco.data.sampler import ShardedBatchSampler
 from fastmoco.data.sources import is_in_memory
 from fastmoco.errors import DataError, UsageError
+
+AUTO_WORKERS = -1  # --workers -1: choose from the cores this process may run on
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask (taskset, cgroups' cpusets, a
+    scheduler's allocation), which os.cpu_count() ignores."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_plan(workers: int, ranks_here: int = 1) -> tuple[int, int]:
+    """(loader worker processes, torch intra-op threads) for one rank on a CPU device.
+
+    The cores are shared by every rank on this machine, its loader workers and its
+    intra-op threads: more runnable threads than cores makes them preempt each other, and
+    an intra-op thread preempted mid-operator stalls its siblings at the operator's end.
+    workers=AUTO_WORKERS gives half of a rank's cores to the workers (1 of 2 on a 2-core
+    machine), a given count is kept; the threads get the cores the workers leave, at least
+    one.
+    """
+    cores = max(usable_cores() // max(ranks_here, 1), 1)
+    if workers == AUTO_WORKERS:
+        workers = cores // 2
+    if workers < 0:
+        raise UsageError(f"--workers {workers}: give a count >= 0, or -1 to choose from the cores")
+    return workers, max(cores - workers, 1)
 
 
 def collate_two_views(items):
@@ -205,7 +234,7 @@ def build_train_loader(
             rank=kwargs.get("rank", 0),
             world_size=kwargs.get("world_size", 1),
             device=device,
-            num_threads=kwargs.get("workers", 4),
+            num_threads=max(kwargs.get("workers", 4), 1),  # DALI's own threads, >= 1
             skip_bad_images=kwargs.get("skip_bad_images", False),
             mean=kwargs.get("mean", IMAGENET_MEAN),
             std=kwargs.get("std", IMAGENET_STD),

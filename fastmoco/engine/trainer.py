@@ -9,6 +9,7 @@ the queue pointer stays on the device and the loss is summed on the device and r
 """
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from fastmoco.config import TrainConfig, check_numbers
 from fastmoco.config_io import write_config
 from fastmoco.data import build_train_loader, demo_dataset
 from fastmoco.data.augment import RECIPES
+from fastmoco.data.loader import cpu_plan
 from fastmoco.data.sources import bank_is_labelled, open_source, splits
 from fastmoco.errors import UsageError
 from fastmoco.eval.knn import build_knn_loaders, knn_accuracy, knn_cadence
@@ -246,6 +248,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.channels_last = resolve_channels_last(cfg.channels_last, cfg.amp, self.device)
         self.mf = torch.channels_last if self.channels_last else torch.contiguous_format
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        workers, self.threads = cpu_plan(cfg.workers, ranks_here)
+        if self.device.type == "cpu":  # the model's operators share the cores with the workers
+            torch.set_num_threads(self.threads)
 
         self.loader = build_train_loader(
             train_root,
@@ -259,7 +265,7 @@ class Trainer:
             crop_size=cfg.crop_size,
             crop_scale=cfg.crop_scale,
             batch_size=cfg.batch_size // self.world_size,
-            workers=cfg.workers,
+            workers=workers,
             seed=cfg.seed,
             rank=self.rank,
             world_size=self.world_size,
@@ -276,7 +282,7 @@ class Trainer:
                 crop_size=cfg.crop_size,
                 mean=cfg.mean,
                 std=cfg.std,
-                workers=cfg.workers,
+                workers=workers,
                 bank_size=cfg.knn_bank,
                 seed=cfg.seed,
                 skip_bad_images=cfg.skip_bad_images,
@@ -549,7 +555,8 @@ class Trainer:
                 f"out {self.out}",
                 flush=True,
             )
-            print(f"loader: {self.loader.description}", flush=True)
+            threads = f", {self.threads} intra-op threads" if self.device.type == "cpu" else ""
+            print(f"loader: {self.loader.description}{threads}", flush=True)
             for line in startup_notices(cfg, self.world_size, self.loader.description):
                 print(line, flush=True)
             print(self.train_step.describe(), flush=True)
@@ -611,7 +618,11 @@ class Trainer:
         }
         if self.is_main:
             plot_curves(
-                self.history, self.knn_random, self.out / "curves.png", f"fastmoco {cfg.preset}"
+                self.history,
+                self.knn_random,
+                self.out / "curves.png",
+                f"fastmoco {cfg.preset}",
+                loss_ceiling=math.log(cfg.queue_size + 1) if self.is_moco else None,
             )
             if cfg.skip_bad_images and self.bad_images:
                 print(f"skipped {self.bad_images} unreadable image reads", flush=True)

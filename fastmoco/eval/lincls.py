@@ -99,7 +99,7 @@ class LinclsConfig:
 PRESETS: dict[str, LinclsConfig] = {
     # MoCo v1/v2 linear classification on ImageNet (main_lincls.py).
     "official": LinclsConfig(preset="official"),
-    # The demo set (32-px crops of 64-px images, 10 classes, 3,000 train images): about a
+    # The demo set (32-px crops of 64-px images, 10 classes, 1,500 train images): about a
     # minute on 2 CPU cores. Crops of at least half the image as in the demo pre-training
     # (smaller ones often miss the shape, the only class cue); measured choices in
     # docs/eval.md.

@@ -1,0 +1,153 @@
+"""The demo must look like learning: the curve checks, and a reduced demo run that passes
+them, while the same run with the loss wired wrong (the positive's column shifted by one)
+is rejected. Also the CPU plan of loader workers and threads, and the kNN eval cache."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmoco.config import PRESETS
+from fastmoco.data import demo as demo_mod
+from fastmoco.data.loader import AUTO_WORKERS, cpu_plan
+from fastmoco.engine.metrics import learning_checks, plot_curves
+from fastmoco.engine.trainer import train
+from fastmoco.errors import UsageError
+from fastmoco.models import moco as moco_mod
+
+# Issue 12's report of the old demo, seed 0 (epochs 1, 2, 4, ..., 16): the loss climbed
+# toward ln K, the pretext top-1 fell from 69 % to 0.3 % and kNN peaked mid-run.
+OLD_DEMO = dict(
+    loss=[5.86, 6.08, 6.65, 6.94, 6.66, 6.87, 7.24, 7.26, 7.24],
+    top1=[43.9, 69.4, 58.2, 51.8, 28.3, 5.9, 6.3, 1.1, 0.3],
+    knn=[44.9, 44.2, 44.0, 47.0, 47.1, 45.2, 41.6, 44.1, 44.6],
+)
+
+
+def history(loss, top1, knn):
+    return [
+        dict(epoch=e, loss=a, train_top1=b, knn_top1=c)
+        for e, (a, b, c) in enumerate(zip(loss, top1, knn, strict=True))
+    ]
+
+
+def test_learning_checks_reject_the_old_demo_and_pass_a_learning_run():
+    old = learning_checks(history(**OLD_DEMO), knn_random=33.8)
+    assert not any(ok for ok, _ in old.values()), old
+    good = history(
+        loss=[5.4, 5.0, 4.6, 4.3, 4.1, 3.9, 3.8, 3.7],
+        top1=[20.0, 35.0, 48.0, 55.0, 60.0, 63.0, 64.0, 64.5],
+        knn=[30.0, None, 36.0, None, 41.0, None, 44.5, 45.0],
+    )
+    checks = learning_checks(good, knn_random=28.0)
+    assert all(ok for ok, _ in checks.values()), checks
+    # each criterion on its own: a late loss rise, a pretext decay, an early kNN peak
+    late_rise = [dict(h) for h in good]
+    late_rise[-1]["loss"] = 4.2  # above where the second half began
+    assert not learning_checks(late_rise, 28.0)["loss"][0]
+    decay = [dict(h) for h in good]
+    decay[-1]["train_top1"] = 0.79 * 64.0
+    assert not learning_checks(decay, 28.0)["pretext"][0]
+    early_peak = [dict(h) for h in good]
+    early_peak[4]["knn_top1"] = 46.5
+    assert not learning_checks(early_peak, 28.0)["knn"][0]
+    assert not learning_checks(good, knn_random=36.0)["knn"][0]  # a gain under 10 points
+
+
+def test_plot_curves_draws_three_labelled_panels(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    h = history(loss=[5.0, 4.0], top1=[10.0, 30.0], knn=[None, 40.0])
+    plot_curves(h, 30.0, tmp_path / "c.png", "t", loss_ceiling=5.55)
+    (fig,) = saved
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+    assert labels == [
+        ("epoch", "InfoNCE loss (epoch mean)"),
+        ("epoch", "pretext top-1 (%)"),
+        ("epoch", "kNN top-1 (%)"),
+    ]
+    loss_ax, pretext_ax, knn_ax = fig.axes
+    assert list(pretext_ax.lines[0].get_ydata()) == [10.0, 30.0]
+    assert list(knn_ax.lines[0].get_xdata()) == [2]  # epochs without kNN are not drawn
+    assert "random init (30.0)" in [t.get_text() for t in knn_ax.get_legend().get_texts()]
+    assert "ln(K+1)" in loss_ax.get_legend().get_texts()[1].get_text()
+
+
+def test_cpu_plan_follows_the_affinity_mask(monkeypatch):
+    import os
+
+    for cores, auto in ((1, (0, 1)), (2, (1, 1)), (16, (8, 8))):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert cpu_plan(AUTO_WORKERS) == auto
+        assert cpu_plan(3)[0] == 3 and cpu_plan(3)[1] == max(cores - 3, 1)
+    assert cpu_plan(AUTO_WORKERS, ranks_here=4) == (2, 2)  # 16 cores over 4 ranks
+    with pytest.raises(UsageError, match="--workers -2"):
+        cpu_plan(-2)
+
+
+# --- a reduced demo run: the curves go the right way, and a mis-wired loss is caught --------
+
+# The demo preset scaled down to run in seconds: 400 train images of 32 px (crops of 24) and
+# 200 val images, batch 32 (12 steps an epoch, 96 in all) and K=64. The per-step learning
+# rate stays the preset's (lr x batch / 256 = 0.015), and m = 0.95 keeps the key encoder's
+# lag (about 1 / (1 - m) steps) the same fifth of the run that m = 0.99 is of the preset's
+# 460 steps.
+REDUCED_SPEC = demo_mod.DemoSpec(image_size=32, n_train_per_class=40, n_val_per_class=20)
+REDUCED = dict(
+    epochs=8, crop_size=24, batch_size=32, lr=0.12, queue_size=64, moco_m=0.95, knn_every=1
+)
+KNN_GAIN = 3.0  # points over random init; 200 val images, so one image is half a point
+
+
+@pytest.fixture(scope="module")
+def reduced_demo(tmp_path_factory):
+    return demo_mod.write_demo(
+        tmp_path_factory.mktemp("demo") / "reduced", seed=0, spec=REDUCED_SPEC, progress=False
+    )
+
+
+def reduced_run(root, out):
+    cfg = PRESETS["demo"].replace(
+        data=str(root),
+        out=str(out),
+        **REDUCED,
+        progress=False,
+        device="cpu",
+    )
+    results = train(cfg)
+    return results["history"], results["knn_random"]
+
+
+def directions(history, knn_random):
+    """The reduced run's curve checks, plus: pretext top-1 ends above its first epoch (a
+    run whose pretext task never starts passes 'last >= 0.8 best' at 0 %)."""
+    checks = learning_checks(history, knn_random, knn_gain=KNN_GAIN)
+    top1 = [h["train_top1"] for h in history]
+    checks["pretext rises"] = (top1[-1] > top1[0], f"epoch 1 {top1[0]:.1f}%, last {top1[-1]:.1f}%")
+    return checks
+
+
+def test_reduced_demo_learns(reduced_demo, tmp_path):
+    checks = directions(*reduced_run(reduced_demo, tmp_path / "run"))
+    assert all(ok for ok, _ in checks.values()), checks
+
+
+def shifted_positive(q, k, queue, temperature=0.2, *, return_stats=False, **_):
+    """InfoNCE wired wrong: the label points one column right of the positive, at the
+    queue's first key (the bug of building the logits in one order and the labels for
+    another). Its stats rank that same column, as a consistently wrong op would."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.float().T], 1) / temperature
+    labels = torch.ones(len(q), dtype=torch.long, device=q.device)
+    loss = F.cross_entropy(logits, labels)
+    if not return_stats:
+        return loss
+    rank = (logits > logits[:, 1:2]).sum(1)
+    return loss, rank
+
+
+def test_reduced_demo_rejects_a_shifted_positive(reduced_demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(moco_mod, "info_nce", shifted_positive)
+    checks = directions(*reduced_run(reduced_demo, tmp_path / "run"))
+    assert not all(ok for ok, _ in checks.values()), checks
