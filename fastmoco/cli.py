@@ -84,7 +84,7 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
             f"{DALI_DIFFERENCES}; the run prints which loader runs",
             dict(choices=["auto", "dali", "torch"]),
         ),
-        "workers": "data-loading processes per rank",
+        "workers": "data-loading processes per rank; -1: half the cores this process may use",
         "skip_bad_images": "count and skip unreadable images instead of stopping at the first",
     },
     "optimisation": {

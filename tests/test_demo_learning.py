@@ -2,6 +2,8 @@
 them, while the same run with the loss wired wrong (the positive's column shifted by one)
 is rejected. Also the CPU plan of loader workers and threads, and the kNN eval cache."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,24 @@ def test_cpu_plan_follows_the_affinity_mask(monkeypatch):
         cpu_plan(-2)
 
 
+def test_knn_splits_are_cached_when_small(tiny_data, monkeypatch):
+    """Small splits come back as their batches, read once; big ones stream. Same features."""
+    from fastmoco.eval import knn
+
+    kw = dict(crop_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=8, workers=0, cache=True)
+    cached = knn.build_knn_loaders(tiny_data / "train", tiny_data / "val", **kw)
+    assert all(isinstance(split, list) for split in cached)
+    monkeypatch.setattr(knn, "CACHE_BYTES", 16 * 16 * 3 * 4 * 12)  # val (12) fits, train (36) not
+    bank, val = knn.build_knn_loaders(tiny_data / "train", tiny_data / "val", **kw)
+    assert isinstance(bank, torch.utils.data.DataLoader) and isinstance(val, list)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    for a, b in ((cached[0], bank), (cached[1], val)):
+        fa, ya = knn.extract_features(net, a, "cpu")
+        fb, yb = knn.extract_features(net, b, "cpu")
+        assert torch.equal(fa, fb) and torch.equal(ya, yb)
+
+
 # --- a reduced demo run: the curves go the right way, and a mis-wired loss is caught --------
 
 # The demo preset scaled down to run in seconds: 400 train images of 32 px (crops of 24) and
@@ -120,12 +140,35 @@ def reduced_run(root, out):
 
 
 def directions(history, knn_random):
-    """The reduced run's curve checks, plus: pretext top-1 ends above its first epoch (a
-    run whose pretext task never starts passes 'last >= 0.8 best' at 0 %)."""
-    checks = learning_checks(history, knn_random, knn_gain=KNN_GAIN)
-    top1 = [h["train_top1"] for h in history]
-    checks["pretext rises"] = (top1[-1] > top1[0], f"epoch 1 {top1[0]:.1f}%, last {top1[-1]:.1f}%")
-    return checks
+    """The direction of the three curves over a short run: the mean of the last third of
+    the epochs against the first third's (an epoch of 12 steps is too noisy to compare two
+    single epochs). Loss down, and clearly below ln(K+1), the loss of features that tell
+    nothing apart (a collapsed encoder sits there after a first epoch above it); pretext
+    top-1 up, and at least 3x the chance of ranking the positive first; kNN top-1 KNN_GAIN
+    points over random init."""
+    third = max(len(history) // 3, 1)
+
+    def mean(key, part):
+        values = [h[key] for h in part if h.get(key) is not None]
+        return sum(values) / len(values)
+
+    first, last = history[:third], history[-third:]
+    loss = mean("loss", first), mean("loss", last)
+    top1 = mean("train_top1", first), mean("train_top1", last)
+    knn = mean("knn_top1", last)
+    K = REDUCED["queue_size"]
+    no_info, chance = math.log(K + 1), 100.0 / (K + 1)
+    return {
+        "loss falls": (
+            loss[1] < loss[0] and loss[1] < no_info - 0.2,
+            f"{loss[0]:.3f} -> {loss[1]:.3f} (ln(K+1) = {no_info:.3f})",
+        ),
+        "pretext top-1 rises": (
+            top1[1] > top1[0] and top1[1] >= 3 * chance,
+            f"{top1[0]:.1f}% -> {top1[1]:.1f}% (chance {chance:.1f}%)",
+        ),
+        "kNN over random init": (knn >= knn_random + KNN_GAIN, f"{knn_random:.1f}% -> {knn:.1f}%"),
+    }
 
 
 def test_reduced_demo_learns(reduced_demo, tmp_path):
@@ -148,6 +191,8 @@ def shifted_positive(q, k, queue, temperature=0.2, *, return_stats=False, **_):
 
 
 def test_reduced_demo_rejects_a_shifted_positive(reduced_demo, tmp_path, monkeypatch):
+    """The encoder collapses (every embedding alike: the loss sits at ln(K+1), the shifted
+    'positive' is first only by ties, kNN falls to random init) and every check says so."""
     monkeypatch.setattr(moco_mod, "info_nce", shifted_positive)
     checks = directions(*reduced_run(reduced_demo, tmp_path / "run"))
-    assert not all(ok for ok, _ in checks.values()), checks
+    assert not any(ok for ok, _ in checks.values()), checks

@@ -286,6 +286,7 @@ class Trainer:
                 bank_size=cfg.knn_bank,
                 seed=cfg.seed,
                 skip_bad_images=cfg.skip_bad_images,
+                cache=True,  # small splits decoded once, not at every evaluation
             )
             self.num_classes = len(self.knn_loaders[0].dataset.classes)
 

@@ -76,9 +76,9 @@ def build_knn_loaders(
     replaced by its readable successor.
 
     Below 64 px there is no resize margin to spare (the CIFAR demo's convention): the whole
-    image is resized to the crop. With cache, a split small enough (CACHE_BYTES) comes back
-    as a list of its (images, targets) batches, read once here, so later passes cost the
-    forward pass only.
+    image is resized to the crop. With cache (the trainer's monitor, which passes over the
+    splits again and again), a split small enough (CACHE_BYTES) comes back as a list of its
+    (images, targets) batches, read once here, so later passes cost the forward pass only.
     """
     rank, world_size = world()
     ev = dict(
