@@ -93,8 +93,11 @@ def plot_curves(
     ax_k.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN monitor (val split)")
     if knn or knn_random is not None:
         ax_k.legend()
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_l, ax_p, ax_k):
         ax.set_xlim(0.5, max(epochs, default=1) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
