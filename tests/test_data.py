@@ -370,12 +370,9 @@ def test_demo_killed_leftovers_and_races(tmp_path, monkeypatch):
 
 
 def test_demo_command_and_contact_sheet(tmp_path, capsys):
-    t0 = time.perf_counter()
     demo_mod.main(["--out", str(tmp_path / "demo"), "--seed", "3", "--no-progress"])
-    seconds = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert "train: 1500 images in 10 classes" in out and "val: 500 images in 10 classes" in out
-    assert seconds < 30  # the default set; about 2-3 s on 2 cores
     png = demo_contact_sheet(tmp_path / "demo", tmp_path / "sheet.png", per_class=4)
     assert Image.open(png).size == (80 + 4 * 128, 10 * 128)
 
