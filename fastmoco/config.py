@@ -246,6 +246,8 @@ def check_numbers(cfg: TrainConfig) -> None:
         v, low = getattr(cfg, name), 1 if name in at_least_1 else 0
         if v is None and name in ("knn_every", "mlp_hidden"):  # None: chosen automatically
             continue
+        if name == "workers" and v == -1:  # -1: chosen from the cores (data.loader.cpu_plan)
+            continue
         if not isinstance(v, int) or v < low:
             raise _bad(name, v, f"a whole number of at least {low}")
     for name in ("lr", "temperature", "knn_t"):
