@@ -249,7 +249,8 @@ def check_numbers(cfg: TrainConfig) -> None:
         if name == "workers" and v == -1:  # -1: chosen from the cores (data.loader.cpu_plan)
             continue
         if not isinstance(v, int) or v < low:
-            raise _bad(name, v, f"a whole number of at least {low}")
+            auto = " (or -1: chosen from the cores)" if name == "workers" else ""
+            raise _bad(name, v, f"a whole number of at least {low}{auto}")
     for name in ("lr", "temperature", "knn_t"):
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v > 0):

@@ -388,6 +388,7 @@ def test_trainer_runs_on_dali(sized_data, tmp_path, capsys):
         epochs=2,
         batch_size=16,
         queue_size=64,
+        allow_repeated_negatives=True,  # 48 images: the run checks the loader, not learning
         bn_splits=2,
         knn_every=0,
         workers=2,

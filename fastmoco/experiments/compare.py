@@ -39,8 +39,11 @@ GPU_KS = (256, 1024, 4096, 16384, 65536)
 
 
 def mechanism_config(base: TrainConfig, mechanism: str, K: int) -> TrainConfig:
-    """base with the mechanism's method and the batch / queue size that give K negatives."""
+    """base with the mechanism's method and the batch / queue size that give K negatives.
+    The sweep reaches K near or above a small set's size on purpose (the paper's figure spans
+    K = 256 to 65536), so the trainer's guard against repeated negatives is lifted here."""
     method = MECHANISMS[mechanism]
+    base = base.replace(allow_repeated_negatives=True)
     if method == "simclr":  # K = 2N - 2: the batch is the only knob
         return base.replace(method=method, batch_size=K // 2 + 1, bn_splits=1, queue_size=K)
     return base.replace(method=method, queue_size=K)
