@@ -404,3 +404,29 @@ def test_v3_recipe_is_asymmetric():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     v1, v2 = pair(img)
     assert v1.shape == v2.shape == (3, 32, 32)
+
+
+def test_process_exits_with_a_loader_still_holding_workers(tiny_data):
+    """Workers ignore SIGTERM (stop signals are the main process's), which is how
+    multiprocessing ends daemonic children at exit: a process still holding a loader with
+    live workers (persistent workers, a traceback keeping an iterator) must exit anyway."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from fastmoco.data.loader import build_two_view_loader\n"
+        "ld = build_two_view_loader(sys.argv[1], recipe='v2', crop_size=16, batch_size=4,\n"
+        "                           workers=2, seed=0)\n"
+        "ld.set_epoch(0)\n"
+        "it = iter(ld)\n"
+        "next(it)\n"
+        "print('batch read', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_data / "train")],
+        capture_output=True,
+        text=True,
+        timeout=180,  # before the fix it waited for its workers forever
+    )
+    assert done.returncode == 0 and "batch read" in done.stdout, done.stderr

@@ -8,6 +8,9 @@ iteration yielding (view1, view2, target, n_bad), and a `description` the traine
 Order and sharding: sampler.ShardedBatchSampler.
 """
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler before ours below
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -98,6 +101,17 @@ def leave_signals_to_main(worker_id: int) -> None:
     rather than kill the workers first and the run with them."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_loader_workers() -> None:
+    """At exit multiprocessing ends its daemonic children (the loader workers) with SIGTERM,
+    which they ignore (above), then joins them: the process would never exit while a loader
+    is still referenced (persistent workers, a traceback holding an iterator). End them with
+    SIGKILL first; atexit runs handlers last-in first-out, so this runs before its handler."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class TwoViewLoader:
