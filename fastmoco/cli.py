@@ -80,8 +80,9 @@ TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
         "loader": (
             "input pipeline: DALI (GPU decode + augmentation; CPU mode without CUDA) or the "
             "torchvision DataLoader. auto: DALI on CUDA when installed, for files (not "
-            "cifar10:DIR and the like). DALI's augmentation differs from torchvision's: "
-            f"{DALI_DIFFERENCES}; the run prints which loader runs",
+            "cifar10:DIR and the like). DALI runs torchvision's recipe (random jitter order, "
+            f"contrast about the mean luma, HSV hue); its pixels differ by {DALI_DIFFERENCES}; "
+            "the run prints which loader runs",
             dict(choices=["auto", "dali", "torch"]),
         ),
         "workers": "data-loading processes per rank; -1: half the cores this process may use",

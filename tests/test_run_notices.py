@@ -48,4 +48,4 @@ def test_shuffle_bn_warning_only_when_it_does_nothing():
 def test_loader_notice_names_the_dali_differences():
     assert loader_notice("torch DataLoader (2 workers)") is None
     note = loader_notice("DALI (cuda:0, 4 threads)")
-    assert "differs from torchvision" in note and "--loader torch" in note
+    assert "differ from torchvision" in note and "nvJPEG" in note and "--loader torch" in note

@@ -8,25 +8,26 @@ One image, two views, each drawn independently from the recipe of augment.py:
         peek_image_shape (H, W)             |  decoded once, cropped twice
         |                                   v
         random_crop_generator  ---------> resize(ROI = crop window, S x S, bilinear+antialias)
-          area A ~ U(0.2, 1) of H*W,        -> color_twist (jitter; grayscale = saturation 0)
+          area A ~ U(0.2, 1) of H*W,        -> [v1: grayscale] -> color jitter -> [v2: grayscale]
           ratio r ~ logU(3/4, 4/3),         -> gaussian_blur (v2)
           10 tries, else centre crop        -> crop_mirror_normalize (flip, (x/255 - mean)/std,
                                                fp16/fp32, CHW or HWC)
 
-Each probability is a per-sample coin (fn.random.coin_flip) folded into the operator's
-per-sample arguments, since DALI operators apply to a whole batch:
-  jitter, p=0.8 (v2; v1 always): factor = on * U(0.6, 1.4) + (1 - on) for brightness,
-      contrast and saturation; hue shift = on * U(-h, h) * 360 degrees (h = 0.1 v2, 0.4 v1);
-  grayscale, p=0.2: saturation *= 1 - gray (DALI's saturation 0 is the ITU-R 601 luma, the
-      same weights as torchvision's Grayscale);
-  blur, p=0.5 (v2): sigma = on * U(0.1, 2.0) + (1 - on) * 0.05; at sigma 0.05 a neighbour
-      weighs exp(-1 / (2 * 0.05^2)) = exp(-200), 0 in float32, so the blur is the identity;
+Each probability is a per-sample coin (fn.random.coin_flip) and each step it gates a
+per-sample `if` (DALI conditionals: only the samples whose coin came up run the operator):
+  jitter, p=0.8 (v2; v1 always): torchvision's ColorJitter: factors U(0.6, 1.4) for
+      brightness, contrast and saturation, a hue shift U(-h, h) turns (h = 0.1 v2, 0.4 v1),
+      applied in a random order per view (random_order), each step rounding to uint8;
+  grayscale, p=0.2: ITU-R 601 luma in all channels, before the jitter in v1, after in v2;
+  blur, p=0.5 (v2): sigma ~ U(0.1, 2.0);
   flip, p=0.5: crop_mirror_normalize's mirror.
-Where DALI differs from torchvision (documented in docs/dali.md): the jitter's four
-adjustments come in one fixed order (torchvision shuffles them per view), contrast scales
-around mid-grey rather than the image mean, and hue is rotated in YIQ space rather than HSV.
-v1 grayscales before the jitter in torchvision; with saturation folded into one twist the
-order does not matter (a grey image stays grey under brightness, contrast and hue).
+DALI's own colour operators differ from torchvision's (color_twist: one fixed order; its
+contrast pivots on mid-grey, not the image's mean luma; fn.hsv rotates hue linearly about the
+grey axis, not in HSV), so contrast and hue are written out in DALI's elementwise
+arithmetic: a test matches the jitter to torchvision's functionals in all 24 orders within
+0.6 % (color_twist: 25 %). What still differs is documented in docs/dali.md: decoding
+(nvJPEG / libjpeg-turbo, not PIL), the resize filter, and hue in float (PIL rounds HSV to
+8 bits).
 
 Order and sharding are the torch loader's (sampler.ShardedBatchSampler): each epoch a
 permutation seeded by seed + epoch, cut to full global batches and dealt round-robin, so
@@ -75,8 +76,9 @@ RECIPES = ("v1", "v2")  # v3's asymmetric pair (solarize) runs on the DataLoader
 
 try:
     import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
     import nvidia.dali.types as types
-    from nvidia.dali import Pipeline
+    from nvidia.dali import Pipeline, pipeline_def
 
     DALI_IMPORT_ERROR = None
 except ImportError as e:  # the [dali] extra is optional
@@ -84,11 +86,14 @@ except ImportError as e:  # the [dali] extra is optional
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (width / height)
 CROP_ATTEMPTS = 10  # as torchvision: then fall back to a centre crop
-IDENTITY_SIGMA = 0.05  # a "blur" that leaves every pixel as it is (module docstring)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601: torchvision's rgb_to_grayscale, PIL's "L"
+LUMA_WEIGHTS = np.float32(LUMA)
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The draws returned per view with debug=True (tests measure the recipe on them).
-DEBUG_DRAWS = ("image_hw", "crop_hw", "flip", "gray", "jitter", "blur", "sigma")
+# order: the slot of (brightness, contrast, saturation, hue); factors: theirs (hue in turns);
+# sigma: 0 where not blurred.
+DEBUG_DRAWS = ("image_hw", "crop_hw", "flip", "gray", "jitter", "blur", "sigma", "order", "factors")
 
 
 def dali_available() -> bool:
@@ -104,13 +109,98 @@ def require_dali() -> None:
 
 
 def _coin(p: float):
-    """1.0 with probability p, else 0.0, per sample (coin_flip only makes ints)."""
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+    """True with probability p, per sample: a predicate for the pipeline's `if`s."""
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
 
-def _jitter_factor(strength: float, on):
-    """U(1 - s, 1 + s) where on, 1 (no change) where not: torchvision's factor range."""
-    return on * fn.random.uniform(range=(1 - strength, 1 + strength)) + (1 - on)
+def _factor(strength: float):
+    """torchvision's ColorJitter factor range, U(1 - s, 1 + s)."""
+    return fn.random.uniform(range=(1 - strength, 1 + strength))
+
+
+def random_order(n: int = 4) -> list:
+    """A uniform random permutation per sample, as the slot (0 .. n-1) of each of n steps:
+    a step's slot is the rank of its U(0, 1) key among the n keys (ties have probability 0).
+    DALI has no per-sample shuffle; this is torchvision's randperm in four comparisons."""
+    keys = [fn.random.uniform(range=(0.0, 1.0)) for _ in range(n)]
+    less = lambda a, b: fn.cast(a < b, dtype=types.INT32)  # noqa: E731
+    return [sum(less(keys[j], keys[k]) for j in range(n) if j != k) for k in range(n)]
+
+
+def _hwc_uint8(x):
+    """Arithmetic's float result back to an HWC uint8 image (the cast rounds to nearest and
+    saturates; arithmetic drops the layout, which the conditionals' merge compares)."""
+    return fn.reshape(fn.cast(x, dtype=types.UINT8), layout="HWC")
+
+
+def adjust_contrast(view, factor):
+    """torchvision's adjust_contrast: blend with the image's mean luma. (DALI's contrast
+    arguments pivot on a fixed grey, and a per-image centre can only come from a CPU
+    tensor, so the blend is written out; on the GPU it runs there.)"""
+    x = fn.cast(view, dtype=types.FLOAT)
+    luma = fn.reductions.sum(fn.reductions.mean(x, axes=[0, 1]) * types.Constant(LUMA_WEIGHTS))
+    return _hwc_uint8(factor * x + (1 - factor) * luma)
+
+
+def adjust_hue(view, turns):
+    """torchvision's adjust_hue: shift the HSV hue by `turns` (of a full circle), keeping
+    value and saturation. DALI's fn.hsv rotates hue linearly about the grey axis, up to ~100
+    levels away from HSV's answer, so the HSV round trip is written out elementwise: hue h in
+    sextants from the max channel, then channel n (5 R, 3 G, 1 B) of the result is
+    max - chroma * clamp(min(k, 4 - k), 0, 1) with k = (n + h) mod 6."""
+    x = fn.cast(view, dtype=types.FLOAT)
+    r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]  # (H, W, 1): broadcast against 3 below
+    hi = dmath.max(dmath.max(r, g), b)
+    chroma = hi - dmath.min(dmath.min(r, g), b)
+    c = dmath.max(chroma, 1e-6)  # grey pixels (chroma 0) come out as `hi` whatever h is
+    max_r, max_g = hi == r, (hi == g) & (hi != r)
+    max_b = (hi != r) & (hi != g)
+    h = (max_r * (g - b) + max_g * (b - r + 2 * c) + max_b * (r - g + 4 * c)) / c + 6 * turns
+    h = h - 6 * dmath.floor(h / 6)  # [0, 6)
+    k = h + types.Constant(np.float32([5, 3, 1]))  # [0, 11): one wrap at most
+    k = k - 6 * (k >= 6)
+    return _hwc_uint8(hi - chroma * dmath.clamp(dmath.min(k, 4 - k), 0, 1))
+
+
+def grayscale(view):
+    """torchvision's Grayscale(3): ITU-R 601 luma in all three channels, the same value in
+    each (fn.hsv's saturation 0 leaves the channels a level apart here and there)."""
+    x = fn.cast(view, dtype=types.FLOAT)
+    luma = x[:, :, 0] * LUMA[0] + x[:, :, 1] * LUMA[1] + x[:, :, 2] * LUMA[2]
+    return _hwc_uint8(fn.stack(luma, luma, luma, axis=2))
+
+
+def color_jitter(view, order, factors):
+    """torchvision's ColorJitter with per-sample order and factors: order[k] is the slot
+    (0-3) of adjustment k of (brightness, contrast, saturation, hue), factors[k] its factor
+    (hue: a shift in turns). Each adjustment rounds to uint8, as torchvision's do on PIL
+    images, so the order matters (clipping; hue against saturation).
+
+    DALI runs an `if` per sample (conditionals), but every branch is an operator in the
+    graph, and the hue shift alone is ~40 elementwise operators; so hue is placed once,
+    between the slots before it and the slots after it, instead of once per slot."""
+    brightness, contrast, saturation, hue = factors
+    for slot in range(3):
+        if order[3] > slot:
+            view = _linear_step(view, slot, order, brightness, contrast, saturation)
+    view = adjust_hue(view, hue)
+    for slot in range(1, 4):
+        if order[3] < slot:
+            view = _linear_step(view, slot, order, brightness, contrast, saturation)
+    return view
+
+
+def _linear_step(view, slot, order, brightness, contrast, saturation):
+    """Whichever of brightness, contrast and saturation sits in `slot` (none: identity).
+    Brightness and saturation are both one fn.hsv (value = brightness: x * b exactly, as
+    torchvision's blend with black); each factor is 1 where its adjustment is elsewhere."""
+    if order[1] == slot:
+        view = adjust_contrast(view, contrast)
+    else:
+        here_b, here_s = order[0] == slot, order[2] == slot
+        value = 1 + here_b * (brightness - 1)
+        view = fn.hsv(view, value=value, saturation=1 + here_s * (saturation - 1))
+    return view
 
 
 def augment_view(
@@ -128,7 +218,8 @@ def augment_view(
     """One view of a batch of decoded HWC uint8 images: (view, {draw name: per-sample draw}).
 
     image_hw is the (H, W, C) of every image as peek_image_shape reads it. Each call draws its
-    own random numbers, so calling it twice gives two independent views.
+    own random numbers, so calling it twice gives two independent views. The pipeline must be
+    built with enable_conditionals (the `if`s below run per sample).
     """
     anchor, crop_hw = fn.random_crop_generator(
         image_hw, random_area=crop_scale, random_aspect_ratio=CROP_RATIO, num_attempts=CROP_ATTEMPTS
@@ -146,20 +237,24 @@ def augment_view(
         (bright, contrast, sat, hue), jitter = V1_JITTER, _coin(1.0)
     else:
         (bright, contrast, sat, hue), jitter = V2_JITTER, _coin(V2_JITTER_P)
+    hue_turns = fn.random.uniform(range=(-hue, hue))
+    factors = (_factor(bright), _factor(contrast), _factor(sat), hue_turns)
+    order = random_order()
     gray = _coin(GRAYSCALE_P)
-    view = fn.color_twist(
-        view,
-        brightness=_jitter_factor(bright, jitter),
-        contrast=_jitter_factor(contrast, jitter),
-        saturation=_jitter_factor(sat, jitter) * (1 - gray),
-        hue=jitter * fn.random.uniform(range=(-hue * 360, hue * 360)),  # turns -> degrees
-    )
-    if recipe == "v2":
+    if recipe == "v1":  # v1: RandomGrayscale, then ColorJitter
+        if gray:
+            view = grayscale(view)
+    if jitter:
+        view = color_jitter(view, order, factors)
+    if recipe == "v2":  # v2: RandomApply(ColorJitter), RandomGrayscale, then the blur
+        if gray:
+            view = grayscale(view)
         blur = _coin(V2_BLUR_P)
-        sigma = blur * fn.random.uniform(range=V2_BLUR_SIGMA) + (1 - blur) * IDENTITY_SIGMA
-        view = fn.gaussian_blur(view, window_size=blur_kernel_size(crop_size), sigma=sigma)
+        sigma = fn.random.uniform(range=V2_BLUR_SIGMA)
+        if blur:
+            view = fn.gaussian_blur(view, window_size=blur_kernel_size(crop_size), sigma=sigma)
     else:
-        blur = sigma = _coin(0.0)
+        blur, sigma = _coin(0.0), fn.random.uniform(range=V2_BLUR_SIGMA)
     flip = fn.random.coin_flip(probability=0.5)
     view = fn.crop_mirror_normalize(
         view,
@@ -170,7 +265,9 @@ def augment_view(
         output_layout=out_layout,
     )
     draws = dict(image_hw=image_hw, crop_hw=crop_hw, flip=flip, gray=gray, jitter=jitter)
-    return view, {**draws, "blur": blur, "sigma": sigma}
+    draws.update(blur=blur, sigma=sigma * blur, order=fn.stack(*order))
+    draws.update(factors=fn.stack(*factors))
+    return view, draws
 
 
 def _dali_reason(error: Exception) -> str:
@@ -289,15 +386,10 @@ class DaliTwoViewLoader:
         gpu = self.device.type == "cuda"
         # fp16 straight from DALI; DALI has no bf16, so bf16 is a cast of fp32 in torch.
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
-        pipe = Pipeline(
-            batch_size=self.batch_size,
-            num_threads=self.num_threads,
-            device_id=self.device.index if gpu else None,
-            seed=seed,
-            prefetch_queue_depth=2,
-            exec_dynamic=True,  # outputs owned by their Python objects, not recycled by run()
-        )
-        with pipe:
+        out_layout = "HWC" if self.layout == "NHWC" else "CHW"
+
+        @pipeline_def(enable_conditionals=True)  # the per-sample `if`s of augment_view
+        def two_views():
             paths = fn.external_source(source=feeder, batch=True, dtype=types.UINT8)
             data = fn.io.file.read(paths)
             image_hw = fn.peek_image_shape(data)  # (H, W, C); the crop uses H, W
@@ -305,16 +397,21 @@ class DaliTwoViewLoader:
             outputs = []
             for _ in range(2):  # two independent draws of the same recipe
                 view, draws = augment_view(
-                    images,
-                    image_hw,
-                    out_dtype=out_dtype,
-                    out_layout="HWC" if self.layout == "NHWC" else "CHW",
-                    **self.view_args,
+                    images, image_hw, out_dtype=out_dtype, out_layout=out_layout, **self.view_args
                 )
                 outputs.append(view)
                 if self.debug:
                     outputs += [draws[k] for k in DEBUG_DRAWS]
-            pipe.set_outputs(*outputs)
+            return tuple(outputs)
+
+        pipe = two_views(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.index if gpu else None,
+            seed=seed,
+            prefetch_queue_depth=2,
+            exec_dynamic=True,  # outputs owned by their Python objects, not recycled by run()
+        )
         pipe.build()
         return pipe
 

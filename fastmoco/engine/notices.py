@@ -4,10 +4,11 @@ is not torchvision's."""
 
 from fastmoco.config import TrainConfig
 
-# Where the DALI recipe differs from torchvision's (data/dali.py; docs/dali.md).
+# Where DALI's pixels differ from torchvision's (data/dali.py; docs/dali.md).
+# The recipe itself (crop, jitter order and factors, grayscale, blur, flip) is torchvision's.
 DALI_DIFFERENCES = (
-    "jitter adjustments in one fixed order (torchvision shuffles them per view), contrast "
-    "around mid-grey (torchvision: the image mean), hue rotated in YIQ (torchvision: HSV)"
+    "JPEGs decoded by nvJPEG/libjpeg-turbo (not PIL; EXIF orientation applied), DALI's "
+    "antialiased resize, hue shifted in float (PIL rounds HSV to 8 bits)"
 )
 
 
@@ -36,8 +37,8 @@ def loader_notice(description: str) -> str | None:
     if not description.startswith("DALI"):
         return None
     return (
-        f"note: the DALI augmentation differs from torchvision's: {DALI_DIFFERENCES}; "
-        "--loader torch runs torchvision's"
+        "note: DALI runs torchvision's augmentation recipe, but its pixels differ from "
+        f"torchvision's: {DALI_DIFFERENCES}; --loader torch runs torchvision's"
     )
 
 
