@@ -177,8 +177,10 @@ LINCLS_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
     },
     "data": {
         "data": (
-            "ImageFolder root with train/ and val/ (default: the demo set)",
-            dict(metavar="DIR"),
+            "DIR with labelled train/ and val/ (ImageFolders: a subdirectory per class), or "
+            "cifar10:DIR, cifar100:DIR, stl10:DIR (train -> test; STL-10's labelled train) "
+            "for torchvision's files on disk (default: the checkpoint's demo set)",
+            dict(metavar="DATA"),
         ),
         "crop_size": "train RandomResizedCrop and val CenterCrop size",
         "crop_scale": ("train RandomResizedCrop's area range", dict(metavar=("MIN", "MAX"))),

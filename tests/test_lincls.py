@@ -112,7 +112,7 @@ def test_cli_errors(tiny_data, tmp_path, capsys):
     base = ["lincls", "--pretrained", str(tmp_path / "pre.pt"), "--workers", "0"]
     base += ["--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"]
     code = main([*base, "--data", str(tiny_data / "train")])
-    assert code == 2 and "needs train/ and val/" in capsys.readouterr().err
+    assert code == 2 and "needs labelled train/ and val/" in capsys.readouterr().err
     code = main([*base, "--data", str(tiny_data), "--batch-size", "64"])
     err = capsys.readouterr().err
     assert code == 2 and "larger than the train split (36 images" in err
@@ -202,3 +202,32 @@ def test_trained_backbone_ahead_of_random(tmp_path):
         top1[name] = res["top1"]
     assert top1["random"] <= 12.0, top1
     assert top1["trained"] >= top1["random"] + 5.0, top1
+
+
+def test_named_sets_and_unlabelled_splits(tmp_path, capsys, monkeypatch):
+    """cifar10:DIR probes train -> test; an unlabelled train split or an image list is
+    refused, naming the split and what a linear probe needs."""
+    from conftest import write_image_folder
+    from test_sources import _skip_md5, write_cifar10
+
+    _skip_md5(monkeypatch)
+    write_cifar10(tmp_path / "cifar")
+    fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")
+    data = f"cifar10:{tmp_path / 'cifar'}"
+    res = lincls(probe_cfg(tmp_path / "pre.pt", data, tmp_path / "c", batch_size=8))
+    assert len(res["history"]) == 2 and 0 <= res["history"][-1]["top1"] <= 100
+    ck = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    assert ck["state_dict"]["fc.weight"].shape == (10, 128)  # CIFAR-10's classes
+
+    write_image_folder(tmp_path / "d" / "val", classes=3, per_class=4)
+    (tmp_path / "d" / "train").mkdir()
+    for f in sorted((tmp_path / "d" / "val").rglob("*.jpg")):  # a flat, unlabelled train/
+        (tmp_path / "d" / "train" / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    base = ["lincls", "--pretrained", str(tmp_path / "pre.pt"), "--device", "cpu"]
+    code = main([*base, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o1")])
+    err = capsys.readouterr().err
+    assert code == 2 and "train has no class labels" in err and "subdirectory per class" in err
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(str(f) for f in sorted((tmp_path / "d" / "val").rglob("*.jpg"))))
+    code = main([*base, "--data", str(lst), "--out", str(tmp_path / "o2")])
+    assert code == 2 and "needs labelled train/ and val/" in capsys.readouterr().err

@@ -37,9 +37,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from fastmoco.data import ImageFolderDataset, build_eval_loader, demo_dataset, scan_image_folder
+from fastmoco.data import ImageFolderDataset, build_eval_loader, demo_dataset
 from fastmoco.data.loader import collate_eval
 from fastmoco.data.sampler import ShardedBatchSampler
+from fastmoco.data.sources import bank_split, open_source, splits
 from fastmoco.engine import checkpoint as ckpt
 from fastmoco.engine.checkpoint_io import (
     Pretrained,
@@ -61,7 +62,9 @@ class LinclsConfig:
     preset: str = "official"
     pretrained: str | None = None  # checkpoint of any layout checkpoint_io reads
     arch: str | None = None  # for files that name none (else read off the keys)
-    data: str | None = None  # ImageFolder root with train/ and val/; None: the demo set
+    # DIR with labelled train/ and val/ (ImageFolders), or cifar10:DIR, cifar100:DIR,
+    # stl10:DIR (train -> test); None: the demo set
+    data: str | None = None
     # --- protocol (main_lincls.py defaults) ---
     epochs: int = 100
     batch_size: int = 256  # global, over all ranks
@@ -152,27 +155,43 @@ def lincls(cfg: LinclsConfig) -> dict:
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here
         print(describe(p, missing=FC_KEYS) + " (re-initialised: N(0, 0.01^2), bias 0)", flush=True)
     cfg = resolve_config(cfg, p)
-    root = (
-        Path(cfg.data)
-        if cfg.data is not None
-        else demo_dataset(seed=image_settings(p)["demo_seed"])
-    )
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UsageError(f"--data {root}: needs train/ and val/ subdirectories")
-    samples, _ = scan_image_folder(root / "train")
-    if cfg.batch_size > len(samples):
+    root = cfg.data if cfg.data is not None else demo_dataset(seed=image_settings(p)["demo_seed"])
+    train_split, val_split = labelled_splits(root)
+    n_train = len(open_source(train_split).samples)
+    if cfg.batch_size > n_train:
         raise UsageError(
-            f"--batch-size {cfg.batch_size} is larger than the train split ({len(samples)} "
-            f"images under {root / 'train'}); lower --batch-size"
+            f"--batch-size {cfg.batch_size} is larger than the train split ({n_train} "
+            f"images in {train_split}); lower --batch-size"
         )
     out, resume_path = ckpt.prepare_run_dir(cfg.out, cfg.resume, f"lincls-{cfg.preset}")
-    args = (cfg, str(root), str(out), resume_path)
+    args = (cfg, (train_split, val_split), str(out), resume_path)
     return launch(_lincls_rank, args, nprocs=cfg.gpus, device=device)  # rank 0's results
 
 
-def _lincls_rank(cfg, root, out, resume_path) -> dict:
-    return LinearProbe(cfg, Path(root), Path(out), resume_path).fit()
+def labelled_splits(data) -> tuple[str, str]:
+    """(train, val) split specs of --data for a linear probe: both must carry labels. A
+    named set's train split is its labelled one (STL-10: train, not train+unlabeled)."""
+    train_split, val_split = splits(data)
+    if val_split is None:
+        raise UsageError(
+            f"--data {data}: linear evaluation needs labelled train/ and val/ subdirectories "
+            "(ImageFolders: one subdirectory per class), or cifar10:DIR, cifar100:DIR, "
+            "stl10:DIR"
+        )
+    train_split = bank_split(train_split)
+    for split in (train_split, val_split):
+        source = open_source(split)
+        if not source.labelled:
+            raise UsageError(
+                f"--data {data}: {split} has no class labels (a flat or nested folder of "
+                "images, or unlabelled images beside the class subdirectories); linear "
+                "evaluation needs one subdirectory per class"
+            )
+    return train_split, val_split
+
+
+def _lincls_rank(cfg, split_specs, out, resume_path) -> dict:
+    return LinearProbe(cfg, split_specs, Path(out), resume_path).fit()
 
 
 def train_transform(cfg: LinclsConfig) -> T.Compose:
@@ -188,7 +207,12 @@ def train_transform(cfg: LinclsConfig) -> T.Compose:
 
 
 class LinearProbe:
-    def __init__(self, cfg: LinclsConfig, root: Path, out: Path, resume_path=None):
+    def __init__(self, cfg: LinclsConfig, split_specs, out: Path, resume_path=None):
+        """split_specs: (train, val) as labelled_splits gives them; a root DIR (with train/
+        and val/) is taken too."""
+        if isinstance(split_specs, (str, Path)):
+            split_specs = labelled_splits(split_specs)
+        train_split, val_split = split_specs
         self.pretrained = read_pretrained(cfg.pretrained, cfg.arch, cfg.trust_checkpoint)
         cfg = resolve_config(cfg, self.pretrained)
         self.cfg, self.out = cfg, out
@@ -199,7 +223,7 @@ class LinearProbe:
         self.amp_dtype = torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
 
         per_rank = cfg.batch_size // self.world_size
-        dataset = ImageFolderDataset(root / "train", train_transform(cfg), seed=cfg.seed)
+        dataset = ImageFolderDataset(train_split, train_transform(cfg), seed=cfg.seed)
         self.sampler = ShardedBatchSampler(
             len(dataset), per_rank, cfg.seed, self.rank, self.world_size
         )
@@ -213,7 +237,7 @@ class LinearProbe:
         )
         resize = cfg.resize_size or (cfg.crop_size if cfg.crop_size < 64 else None)
         self.val_loader = build_eval_loader(
-            root / "val",
+            val_split,
             crop_size=cfg.crop_size,
             resize_size=resize,
             batch_size=per_rank,
@@ -227,8 +251,9 @@ class LinearProbe:
         val_classes = self.val_loader.dataset.classes
         if val_classes != dataset.classes:
             raise UsageError(
-                f"train/ and val/ under {root} have different classes ({len(dataset.classes)} "
-                f"vs {len(val_classes)}): both need the same class subdirectories"
+                f"{train_split} and {val_split} have different classes "
+                f"({len(dataset.classes)} vs {len(val_classes)}): both need the same class "
+                "subdirectories"
             )
 
         backbone, feat_dim = build_pretrained_backbone(self.pretrained)
