@@ -427,12 +427,15 @@ def cmd_lincls(args) -> int:
 def _export_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
-        help="write a checkpoint's query encoder as a torchvision or official MoCo file",
+        help="write a checkpoint's encoder as a torchvision, official MoCo or moco-v3 file",
         description=(
-            "Export the query encoder of a checkpoint (fastmoco, official MoCo or torchvision "
-            "layout). torchvision: the backbone as a ResNet state_dict (fc missing). moco: "
-            "facebookresearch/moco's layout, 'state_dict' with module.encoder_q.* (head as "
-            "fc.*), module.encoder_k.*, module.queue, plus 'arch', 'epoch', 'optimizer'."
+            "Export the query encoder of a checkpoint (fastmoco, official MoCo v1/v2/v3 or "
+            "torchvision layout). torchvision: the backbone as a state_dict (fc missing). "
+            "moco: facebookresearch/moco's layout, 'state_dict' with module.encoder_q.* (head "
+            "as fc.*), module.encoder_k.*, module.queue, plus 'arch', 'epoch', 'optimizer'. "
+            "mocov3: facebookresearch/moco-v3's layout for its main_lincls.py, 'state_dict' "
+            "with module.base_encoder.* (ViT in timm's names; projector as fc.* or head.*), "
+            "module.momentum_encoder.*, module.predictor.*, plus 'arch', 'epoch'."
         ),
     )
     g = p.add_argument_group("export")

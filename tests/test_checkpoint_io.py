@@ -206,7 +206,7 @@ def test_official_checkpoint_layouts_and_arch(tmp_path):
     torch.save({"arch": "resnet18", "epoch": 100, "state_dict": sd}, tmp_path / "v3.pth")
     p = read_pretrained(tmp_path / "v3.pth")
     assert p.layout == "mocov3" and "fc.weight" not in p.backbone
-    assert p.dropped["not part of the query encoder"] == ["module.predictor.0.weight"]
+    assert p.dropped["predictor"] == ["module.predictor.0.weight"]
 
 
 def test_bad_files_name_the_fix(tmp_path):
@@ -244,7 +244,7 @@ def test_method_checkpoints_vit_and_predictor(tmp_path):
     torch.save({"config": cfg, "epoch": 1, "encoder_q": enc}, tmp_path / "v3.pt")
     p = read_pretrained(tmp_path / "v3.pt")
     assert p.arch == "vit_small"
-    assert p.dropped["not part of backbone or head"] == ["encoder_q.predictor.0.weight"]
+    assert p.dropped["predictor"] == ["encoder_q.predictor.0.weight"]
     net, feat_dim = build_pretrained_backbone(p)
     assert feat_dim == 384 and net(torch.randn(1, 3, 32, 32)).shape == (1, 384)
     path, _, note = export_checkpoint(tmp_path / "v3.pt", "torchvision", tmp_path / "vit.pth")

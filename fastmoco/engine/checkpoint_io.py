@@ -8,8 +8,10 @@ What `--pretrained` accepts (the layout is detected from the keys, never from th
                  module.encoder_k.*, module.queue (C x K), module.queue_ptr}, 'arch', 'epoch',
                  'optimizer'. The projection head is encoder_q.fc: fc.weight for v1's linear
                  head, fc.0/fc.2 for v2's Linear-ReLU-Linear (the builder wraps the old fc).
-    mocov3       facebookresearch/moco-v3 (ResNet): 'state_dict' {module.base_encoder.*, ...};
-                 base_encoder.fc is the projector and is dropped.
+    mocov3       facebookresearch/moco-v3: 'state_dict' {module.base_encoder.*,
+                 module.momentum_encoder.*, module.predictor.*}, 'arch', 'epoch'. The
+                 projector is base_encoder.fc (ResNet) or base_encoder.head (ViT: a timm
+                 VisionTransformer, renamed to torchvision's by models.vit.vit_from_mocov3).
     torchvision  a ResNet state_dict (conv1.weight, layer1.0..., fc.*), bare or under
                  'state_dict', with or without DDP's 'module.' prefix; fc.* is dropped.
 
@@ -35,9 +37,10 @@ from fastmoco.engine.checkpoint import load_checkpoint, remove_stale_temps, save
 from fastmoco.engine.guard import all_finite
 from fastmoco.errors import UsageError
 from fastmoco.models import ALL_ARCHS, VIT_ARCHS, build_backbone, build_vit
+from fastmoco.models.vit import vit_arch_of, vit_from_mocov3, vit_image_size, vit_to_mocov3
 
 LAYOUTS = ("fastmoco", "moco", "mocov3", "torchvision")
-FORMATS = ("torchvision", "moco")
+FORMATS = ("torchvision", "moco", "mocov3")
 
 # (bottleneck blocks, blocks per stage) -> torchvision architecture
 _RESNET_SHAPES = {
@@ -53,7 +56,8 @@ class Pretrained:
 
     backbone: state of build_backbone(arch, small_images); head: state of the projection
     head (projection_head(): 'weight' or '0.weight', '2.weight', ...) or None; encoder_k:
-    the key encoder as {backbone.*, head.*} or None; queue: K x C unit keys or None.
+    the key encoder as {backbone.*, head.*} or None; predictor: MoCo v3's or None; queue:
+    K x C unit keys or None.
     dropped: why -> keys of the file that the backbone does not use.
     """
 
@@ -64,6 +68,7 @@ class Pretrained:
     backbone: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor] | None = None
     encoder_k: dict[str, torch.Tensor] | None = None
+    predictor: dict[str, torch.Tensor] | None = None
     queue: torch.Tensor | None = None
     queue_ptr: torch.Tensor | None = None
     optimizer: dict | None = None
@@ -118,6 +123,14 @@ def infer_arch(backbone: Mapping) -> tuple[str, bool]:
     """(arch, small_images) read off a backbone state's keys and conv1's kernel size."""
     if "layers.0.conv1.weight" in backbone:
         return "resnet-tiny", True
+    if "class_token" in backbone:
+        arch = vit_arch_of(backbone)
+        if arch is None:
+            raise UsageError(
+                f"a ViT of width {backbone['class_token'].shape[-1]} is neither vit_small "
+                "(12 blocks, 384) nor vit_base (12 blocks, 768); fastmoco cannot build it"
+            )
+        return arch, False
     if "layer1.0.conv1.weight" not in backbone or "conv1.weight" not in backbone:
         raise UsageError("cannot tell the architecture from the keys: pass --arch")
     bottleneck = "layer1.0.conv3.weight" in backbone
@@ -153,9 +166,11 @@ def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = Fal
         found = _check_arch(cfg.get("arch"), arch, path)
         backbone = _strip(obj["encoder_q"], "backbone.")
         head = _strip(obj["encoder_q"], "head.")
+        predictor = _strip(obj["encoder_q"], "predictor.")
         fields.update(
             head=head,
             encoder_k=obj.get("encoder_k"),
+            predictor=predictor or None,
             queue=obj.get("queue"),
             queue_ptr=obj.get("queue_ptr"),
             optimizer=obj.get("optimizer"),
@@ -164,11 +179,12 @@ def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = Fal
         )
         fields["dropped"] = {
             "projection head": [f"encoder_q.head.{k}" for k in head],
-            # MoCo v3's predictor, or whatever else a method puts after the backbone
+            "predictor": [f"encoder_q.predictor.{k}" for k in predictor],
+            # whatever else a method puts after the backbone
             "not part of backbone or head": [
                 f"encoder_q.{k}"
                 for k in obj["encoder_q"]
-                if not k.startswith(("backbone.", "head."))
+                if not k.startswith(("backbone.", "head.", "predictor."))
             ],
             "key encoder": [f"encoder_k.{k}" for k in obj.get("encoder_k") or {}],
             "queue": [k for k in ("queue", "queue_ptr") if obj.get(k) is not None],
@@ -202,10 +218,36 @@ def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = Fal
             }
             used = {k for k in state if k.startswith(("encoder_q.", "encoder_k.", "queue"))}
         elif layout == "mocov3":
-            backbone, head = _split_head(_strip(state, "base_encoder."), "fc.")
-            fields.update(epoch=obj.get("epoch"))
-            fields["dropped"] = {"projector": [f"{pre}base_encoder.fc.{k}" for k in head]}
-            used = {k for k in state if k.startswith("base_encoder.")}
+            base = _strip(state, "base_encoder.")
+            linear = "head." if "cls_token" in base else "fc."  # ViT or ResNet
+            backbone, head = _split_head(base, linear)
+            key_backbone, key_head = _split_head(_strip(state, "momentum_encoder."), linear)
+            if linear == "head.":
+                backbone, key_backbone = (
+                    _mocov3_vit(b, path, pre) for b in (backbone, key_backbone)
+                )
+            enc_k = {f"backbone.{k}": v for k, v in key_backbone.items()}
+            enc_k.update({f"head.{k}": v for k, v in key_head.items()})
+            predictor = _strip(state, "predictor.")
+            fields.update(
+                head=head,
+                encoder_k=enc_k or None,
+                predictor=predictor or None,
+                epoch=obj.get("epoch"),
+                config=extra,
+            )
+            fields["dropped"] = {
+                "projector": [f"{pre}base_encoder.{linear}{k}" for k in head],
+                "momentum encoder": [
+                    f"{pre}{k}" for k in state if k.startswith("momentum_encoder.")
+                ],
+                "predictor": [f"{pre}predictor.{k}" for k in predictor],
+            }
+            used = {
+                k
+                for k in state
+                if k.startswith(("base_encoder.", "momentum_encoder.", "predictor."))
+            }
         else:  # torchvision
             backbone, head = _split_head(state, "fc.")
             fields.update(epoch=obj.get("epoch") if "state_dict" in obj else None)
@@ -238,10 +280,26 @@ def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = Fal
     return Pretrained(str(path), layout, found, small, backbone, **fields)
 
 
+def _mocov3_vit(state: dict, path, pre: str) -> dict:
+    """moco-v3's timm ViT names -> build_vit's; a conv stem (vit_conv_*) has no counterpart."""
+    try:
+        return vit_from_mocov3(state)
+    except KeyError as e:
+        raise UsageError(
+            f"{path}: {pre}base_encoder.{e.args[0]} has no counterpart in fastmoco's ViT: "
+            "vit_small and vit_base with the 16x16 patch projection read, moco-v3's conv-stem "
+            "ViTs (vit_conv_small, vit_conv_base) do not"
+        ) from None
+
+
 def build_pretrained_backbone(p: Pretrained) -> tuple[nn.Module, int]:
     """build_backbone(p.arch) with p.backbone loaded; every key must match, shapes too."""
-    if p.arch in VIT_ARCHS:  # MoCo v3's ViTs: the position embedding fixes the image size
-        net, feat_dim = build_vit(p.arch, image_size=(p.config or {}).get("crop_size", 224))
+    if p.arch in VIT_ARCHS:  # the position embedding fixes the image size
+        if "encoder.pos_embedding" in p.backbone:
+            size = vit_image_size(p.backbone)
+        else:
+            size = (p.config or {}).get("crop_size", 224)
+        net, feat_dim = build_vit(p.arch, image_size=size)
     else:
         net, feat_dim = build_backbone(p.arch, small_images=p.small_images)
     want = net.state_dict()
@@ -294,10 +352,14 @@ def describe(p: Pretrained, missing: list[str] | None = None) -> str:
 
 def image_settings(p: Pretrained) -> dict:
     """crop_size, mean, std (and demo_seed) the encoder was trained with: its config's, else
-    the ImageNet values the official and torchvision checkpoints use."""
+    the ImageNet values the official and torchvision checkpoints use (a ViT's crop: the size
+    its position embedding was made for)."""
     c = p.config or {}
+    size = 224
+    if p.arch in VIT_ARCHS and "encoder.pos_embedding" in p.backbone:
+        size = vit_image_size(p.backbone)  # what the position embedding was made for
     return dict(
-        crop_size=c.get("crop_size", 224),
+        crop_size=c.get("crop_size", size),
         mean=tuple(c.get("mean", IMAGENET_MEAN)),
         std=tuple(c.get("std", IMAGENET_STD)),
         demo_seed=c.get("demo_seed", 0),
@@ -349,8 +411,38 @@ def to_moco(p: Pretrained) -> dict:
     return out
 
 
+def to_mocov3(p: Pretrained) -> dict:
+    """facebookresearch/moco-v3's checkpoint layout (main_moco.py's save_checkpoint), for its
+    main_lincls.py: module.base_encoder.* (ViT in vits.py's timm names; the projector as
+    fc.* for ResNet, head.* for ViT), module.momentum_encoder.*, module.predictor.*, 'arch',
+    'epoch'. No optimizer or GradScaler state: main_moco.py cannot resume from it.
+    'fastmoco_config' (ignored there) keeps crop size, normalisation and the stem."""
+    vit = p.arch in VIT_ARCHS
+    linear, names = ("head", vit_to_mocov3) if vit else ("fc", dict)
+
+    def encoder(prefix: str, backbone: dict, head: dict | None) -> dict:
+        sd = {f"{prefix}{k}": v for k, v in names(backbone).items()}
+        sd.update({f"{prefix}{linear}.{k}": v for k, v in (head or {}).items()})
+        return sd
+
+    sd = encoder("module.base_encoder.", p.backbone, p.head)
+    if p.encoder_k:
+        key_backbone, key_head = _split_head(p.encoder_k, "head.")
+        sd.update(encoder("module.momentum_encoder.", _strip(key_backbone, "backbone."), key_head))
+    sd.update({f"module.predictor.{k}": v for k, v in (p.predictor or {}).items()})
+    config = dict(p.config or {})
+    config.update(arch=p.arch, small_images=p.small_images)
+    return {"epoch": p.epoch or 0, "arch": p.arch, "state_dict": sd, "fastmoco_config": config}
+
+
 def compatibility_note(p: Pretrained, fmt: str) -> str:
     """How to load an exported file outside fastmoco, when it is not a plain torchvision one."""
+    official = p.arch in VIT_ARCHS or (p.arch == "resnet50" and not p.small_images)
+    if fmt == "mocov3" and official:
+        return (
+            f"loads in moco-v3's main_lincls.py -a {p.arch} --pretrained FILE (the backbone; "
+            "projector, momentum encoder and predictor under moco-v3's names)"
+        )
     if p.arch in VIT_ARCHS:
         return (
             f"{p.arch}: torchvision's VisionTransformer(patch_size=16, ...) with the sizes of "
@@ -384,7 +476,7 @@ def export_checkpoint(
     force: bool = False,
     trust: bool = False,
 ) -> tuple[Path, Pretrained, str]:
-    """Write `pretrained` (any layout) as fmt ('torchvision' or 'moco'); (path, record, note).
+    """Write `pretrained` (any layout) as fmt (FORMATS); (path, record, note).
     An existing out is refused unless force; out is never the input file."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -398,5 +490,5 @@ def export_checkpoint(
     remove_stale_temps(out.parent, name=out.name)  # left by a killed export
     p = read_pretrained(pretrained, arch, trust)
     build_pretrained_backbone(p)  # refuse to export weights that would not load back
-    obj = to_torchvision(p) if fmt == "torchvision" else to_moco(p)
+    obj = {"torchvision": to_torchvision, "moco": to_moco, "mocov3": to_mocov3}[fmt](p)
     return save_atomic(obj, out), p, compatibility_note(p, fmt)

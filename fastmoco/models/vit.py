@@ -1,19 +1,25 @@
-"""Vision Transformers for MoCo v3: torchvision's ViT at ViT-S/16 and ViT-B/16 sizes.
+"""Vision Transformers for MoCo v3: torchvision's ViT at moco-v3's ViT-S/16 and ViT-B/16.
 
 torchvision ships ViT-B/16 (vit_b_16) but no ViT-S/16; both are built here from its
-VisionTransformer class with the sizes of MoCo v3's vits.py (ViT-S: 12 blocks, 6 heads,
-width 384, MLP 1536; ViT-B: 12 blocks, 12 heads, width 768, MLP 3072), headless, returning
-the class token's features.
+VisionTransformer class with the sizes of moco-v3's vits.py (ViT-S: 12 blocks, 12 heads,
+width 384, MLP 1536 - the paper's choice; DeiT-S has 6 heads; ViT-B: 12 blocks, 12 heads,
+width 768, MLP 3072), headless, returning the class token's features. As in moco-v3 the
+position embedding is the fixed 2-d sin-cos one (not learned) and LayerNorm's eps is 1e-6
+(torchvision's default too).
 
 frozen_patch_proj: MoCo v3's "stop-grad-conv1" (Sec. 4.2 of the paper): the 16x16 patch
 projection keeps its random initialisation and gets no gradient, which the paper found
 removes the training instability (loss dips) of ViT under large batches. As in the
 official code the projection is then initialised Xavier-uniform over its fan-in 3*16*16
-and fan-out. Differences to the official ViT: torchvision's learned position embedding
-instead of the fixed 2-d sin-cos one.
+and fan-out.
+
+Checkpoints: moco-v3's ViTs are timm VisionTransformers; MOCOV3_NAMES maps their state_dict
+names to torchvision's one for one (timm's fused qkv is nn.MultiheadAttention's in_proj, in
+the same q, k, v order and head split), so official weights load here and ours export there.
 """
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -21,11 +27,46 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 # name: (layers, heads, width, mlp width); the names of moco-v3's --arch
 VIT_SIZES = {
-    "vit_small": (12, 6, 384, 1536),
+    "vit_small": (12, 12, 384, 1536),
     "vit_base": (12, 12, 768, 3072),
 }
 VIT_ARCHS = tuple(VIT_SIZES)
 PATCH = 16
+
+# torchvision name -> moco-v3 (timm) name; {i} is the block index.
+MOCOV3_NAMES = {
+    "class_token": "cls_token",
+    "conv_proj.weight": "patch_embed.proj.weight",
+    "conv_proj.bias": "patch_embed.proj.bias",
+    "encoder.pos_embedding": "pos_embed",
+    "encoder.ln.weight": "norm.weight",
+    "encoder.ln.bias": "norm.bias",
+}
+MOCOV3_BLOCK_NAMES = {
+    "ln_1": "norm1",
+    "self_attention.in_proj_weight": "attn.qkv.weight",
+    "self_attention.in_proj_bias": "attn.qkv.bias",
+    "self_attention.out_proj": "attn.proj",
+    "ln_2": "norm2",
+    "mlp.0": "mlp.fc1",
+    "mlp.3": "mlp.fc2",
+}
+_TV_BLOCK = re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\.(.+?)(\.weight|\.bias)?$")
+_TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+?)(\.weight|\.bias)?$")
+
+
+def sincos_position_embedding(grid: int, width: int, temperature: float = 10000.0):
+    """(1, 1 + grid^2, width): moco-v3's fixed embedding. Patch p = row * grid + col gets
+    [sin(row w), cos(row w), sin(col w), cos(col w)], w = temperature^(-d / (width / 4)),
+    d < width / 4; the class token gets zeros."""
+    if width % 4:
+        raise ValueError(f"the 2-d sin-cos embedding needs a width divisible by 4, not {width}")
+    omega = temperature ** -(torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    rows = torch.arange(grid, dtype=torch.float32).repeat_interleave(grid)
+    cols = torch.arange(grid, dtype=torch.float32).repeat(grid)
+    r, c = rows[:, None] * omega, cols[:, None] * omega
+    patches = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)
+    return torch.cat([torch.zeros(1, width), patches])[None]
 
 
 def build_vit(
@@ -49,6 +90,10 @@ def build_vit(
         mlp_dim=mlp,
     )
     net.heads = nn.Identity()  # the class token's features are the representation
+    pos = net.encoder.pos_embedding
+    with torch.no_grad():
+        pos.copy_(sincos_position_embedding(image_size // PATCH, width))
+    pos.requires_grad_(False)
     if frozen_patch_proj:
         w = net.conv_proj.weight  # (width, 3, 16, 16)
         bound = math.sqrt(6.0 / float(3 * PATCH * PATCH + width))
@@ -57,3 +102,48 @@ def build_vit(
             nn.init.zeros_(net.conv_proj.bias)
         net.conv_proj.requires_grad_(False)
     return net, width
+
+
+def _rename(name: str, names: dict, blocks: dict, block: re.Pattern, prefix: str) -> str:
+    if name in names:
+        return names[name]
+    m = block.match(name)
+    if m is None:
+        raise KeyError(name)
+    index, module, suffix = m.group(1), m.group(2), m.group(3) or ""
+    if module + suffix in blocks:  # a whole name: in_proj_weight <-> qkv.weight
+        return f"{prefix}{index}.{blocks[module + suffix]}"
+    if module in blocks:
+        return f"{prefix}{index}.{blocks[module]}{suffix}"
+    raise KeyError(name)
+
+
+def vit_to_mocov3(state: dict) -> dict:
+    """A build_vit state_dict in moco-v3's (timm's) names."""
+    return {
+        _rename(k, MOCOV3_NAMES, MOCOV3_BLOCK_NAMES, _TV_BLOCK, "blocks."): v
+        for k, v in state.items()
+    }
+
+
+def vit_from_mocov3(state: dict) -> dict:
+    """A moco-v3 (timm) ViT state_dict, without its head, in build_vit's names. KeyError
+    names the first key that has no counterpart (a conv stem, a distillation token)."""
+    names = {v: k for k, v in MOCOV3_NAMES.items()}
+    blocks = {v: k for k, v in MOCOV3_BLOCK_NAMES.items()}
+    prefix = "encoder.layers.encoder_layer_"
+    return {_rename(k, names, blocks, _TIMM_BLOCK, prefix): v for k, v in state.items()}
+
+
+def vit_arch_of(state: dict) -> str | None:
+    """vit_small or vit_base from a build_vit state's width and depth; None if neither."""
+    width = state["class_token"].shape[-1] if "class_token" in state else None
+    depth = len({m.group(1) for k in state if (m := _TV_BLOCK.match(k))})
+    found = [a for a, (n, _, w, _) in VIT_SIZES.items() if (n, w) == (depth, width)]
+    return found[0] if found else None
+
+
+def vit_image_size(state: dict) -> int:
+    """The input size a ViT state was built for, from its position embedding's length."""
+    grid = math.isqrt(state["encoder.pos_embedding"].shape[1] - 1)
+    return grid * PATCH
