@@ -292,14 +292,17 @@ def _mocov3_vit(state: dict, path, pre: str) -> dict:
         ) from None
 
 
+def _vit_input_size(p: Pretrained) -> int:
+    """The image size a ViT's position embedding was made for (else its config's crop)."""
+    if "encoder.pos_embedding" in p.backbone:
+        return vit_image_size(p.backbone)
+    return (p.config or {}).get("crop_size", 224)
+
+
 def build_pretrained_backbone(p: Pretrained) -> tuple[nn.Module, int]:
     """build_backbone(p.arch) with p.backbone loaded; every key must match, shapes too."""
-    if p.arch in VIT_ARCHS:  # the position embedding fixes the image size
-        if "encoder.pos_embedding" in p.backbone:
-            size = vit_image_size(p.backbone)
-        else:
-            size = (p.config or {}).get("crop_size", 224)
-        net, feat_dim = build_vit(p.arch, image_size=size)
+    if p.arch in VIT_ARCHS:
+        net, feat_dim = build_vit(p.arch, image_size=_vit_input_size(p))
     else:
         net, feat_dim = build_backbone(p.arch, small_images=p.small_images)
     want = net.state_dict()
@@ -355,11 +358,8 @@ def image_settings(p: Pretrained) -> dict:
     the ImageNet values the official and torchvision checkpoints use (a ViT's crop: the size
     its position embedding was made for)."""
     c = p.config or {}
-    size = 224
-    if p.arch in VIT_ARCHS and "encoder.pos_embedding" in p.backbone:
-        size = vit_image_size(p.backbone)  # what the position embedding was made for
     return dict(
-        crop_size=c.get("crop_size", size),
+        crop_size=c.get("crop_size", _vit_input_size(p) if p.arch in VIT_ARCHS else 224),
         mean=tuple(c.get("mean", IMAGENET_MEAN)),
         std=tuple(c.get("std", IMAGENET_STD)),
         demo_seed=c.get("demo_seed", 0),

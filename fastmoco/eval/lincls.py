@@ -40,7 +40,7 @@ from tqdm import tqdm
 from fastmoco.data import ImageFolderDataset, build_eval_loader, demo_dataset
 from fastmoco.data.loader import collate_eval
 from fastmoco.data.sampler import ShardedBatchSampler
-from fastmoco.data.sources import bank_split, open_source, splits
+from fastmoco.data.sources import ImageSource, bank_split, open_source, splits
 from fastmoco.engine import checkpoint as ckpt
 from fastmoco.engine.checkpoint_io import (
     Pretrained,
@@ -156,21 +156,20 @@ def lincls(cfg: LinclsConfig) -> dict:
         print(describe(p, missing=FC_KEYS) + " (re-initialised: N(0, 0.01^2), bias 0)", flush=True)
     cfg = resolve_config(cfg, p)
     root = cfg.data if cfg.data is not None else demo_dataset(seed=image_settings(p)["demo_seed"])
-    train_split, val_split = labelled_splits(root)
-    n_train = len(open_source(train_split).samples)
-    if cfg.batch_size > n_train:
+    train, val = labelled_splits(root)
+    if cfg.batch_size > len(train.samples):
         raise UsageError(
-            f"--batch-size {cfg.batch_size} is larger than the train split ({n_train} "
-            f"images in {train_split}); lower --batch-size"
+            f"--batch-size {cfg.batch_size} is larger than the train split "
+            f"({len(train.samples)} images in {train.spec}); lower --batch-size"
         )
     out, resume_path = ckpt.prepare_run_dir(cfg.out, cfg.resume, f"lincls-{cfg.preset}")
-    args = (cfg, (train_split, val_split), str(out), resume_path)
+    args = (cfg, (train.spec, val.spec), str(out), resume_path)
     return launch(_lincls_rank, args, nprocs=cfg.gpus, device=device)  # rank 0's results
 
 
-def labelled_splits(data) -> tuple[str, str]:
-    """(train, val) split specs of --data for a linear probe: both must carry labels. A
-    named set's train split is its labelled one (STL-10: train, not train+unlabeled)."""
+def labelled_splits(data) -> tuple[ImageSource, ImageSource]:
+    """(train, val) sources of --data for a linear probe: both must carry labels. A named
+    set's train split is its labelled one (STL-10: train, not train+unlabeled)."""
     train_split, val_split = splits(data)
     if val_split is None:
         raise UsageError(
@@ -178,16 +177,15 @@ def labelled_splits(data) -> tuple[str, str]:
             "(ImageFolders: one subdirectory per class), or cifar10:DIR, cifar100:DIR, "
             "stl10:DIR"
         )
-    train_split = bank_split(train_split)
-    for split in (train_split, val_split):
-        source = open_source(split)
+    sources = open_source(bank_split(train_split)), open_source(val_split)
+    for source in sources:
         if not source.labelled:
             raise UsageError(
-                f"--data {data}: {split} has no class labels (a flat or nested folder of "
-                "images, or unlabelled images beside the class subdirectories); linear "
+                f"--data {data}: {source.spec} has no class labels (a flat or nested folder "
+                "of images, or unlabelled images beside the class subdirectories); linear "
                 "evaluation needs one subdirectory per class"
             )
-    return train_split, val_split
+    return sources
 
 
 def _lincls_rank(cfg, split_specs, out, resume_path) -> dict:
@@ -208,10 +206,10 @@ def train_transform(cfg: LinclsConfig) -> T.Compose:
 
 class LinearProbe:
     def __init__(self, cfg: LinclsConfig, split_specs, out: Path, resume_path=None):
-        """split_specs: (train, val) as labelled_splits gives them; a root DIR (with train/
-        and val/) is taken too."""
+        """split_specs: the (train, val) specs of labelled_splits' sources; a root DIR (with
+        train/ and val/) is taken too."""
         if isinstance(split_specs, (str, Path)):
-            split_specs = labelled_splits(split_specs)
+            split_specs = tuple(source.spec for source in labelled_splits(split_specs))
         train_split, val_split = split_specs
         self.pretrained = read_pretrained(cfg.pretrained, cfg.arch, cfg.trust_checkpoint)
         cfg = resolve_config(cfg, self.pretrained)
