@@ -12,7 +12,6 @@ if not shutil.which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import platform
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -126,20 +125,6 @@ def ceilings() -> dict:
     }
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _triton_version() -> str:
     try:
         import triton
@@ -151,6 +136,8 @@ def _triton_version() -> str:
 @pytest.fixture(scope="session")
 def env_info() -> dict:
     """Device and versions, copied into every benchmark's extra_info."""
+    from measure import git_commit
+
     info = {
         "torch": torch.__version__,
         "triton": _triton_version(),
@@ -158,7 +145,7 @@ def env_info() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "commit": _commit(),
+        "commit": git_commit(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -568,18 +567,6 @@ def step_bench(res: Results) -> None:
 
 
 # ---------------------------------------------------------------- env and report
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def env_section(res: Results) -> dict:
@@ -592,7 +579,7 @@ def env_section(res: Results) -> dict:
         "cuda": torch.version.cuda or "none",
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "commit": _commit(),
+        "commit": measure.git_commit(),
         "pin_tiles": os.environ.get("FASTMOCO_PIN_TILES"),
         # fp32 dots follow torch's flag: TF32 on gives ~1e-3 errors, above the fp32 tolerance.
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,

@@ -10,9 +10,12 @@ and the pytest-benchmark suite both use it).
   large device copy; a bf16 matmul on random data, never zeros, which run faster).
 - algorithm1: MoCo's loss as its paper's Algorithm 1 and the official builder.py write it,
   run the way a user runs it: under bf16 autocast (tensor-core matmuls).
+- git_commit: the commit measured, for the results' environment rows.
 """
 
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,3 +100,18 @@ def info_nce_floor(N, K, C, dtype, copy_bytes_per_s, flops_per_s) -> float:
     size = torch.finfo(dtype).bits // 8
     nbytes = (K * C + 3 * N * C) * size
     return max(nbytes / copy_bytes_per_s, 4 * N * K * C / flops_per_s)
+
+
+def git_commit() -> str:
+    """The short hash of this checkout's HEAD, or "unknown" (no git, not a checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
