@@ -9,6 +9,9 @@
 //
 // Any 1 <= B <= K works (the official MoCo asserts K % B == 0): a batch that runs past the
 // end of the queue wraps around. B <= K keeps the destination rows distinct.
+// The pointer must lie in [0, K) (enqueue_ keeps it there): on CPU a pointer outside
+// raises ValueError before any write; on CUDA the kernel stops with a device-side assert
+// (enqueue_cuda.cu), since reading it on the host would be a sync.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -51,13 +54,17 @@ void check_enqueue_inputs(const at::Tensor& queue, const at::Tensor& ptr, const 
       ", ", ptr.device(), " and ", keys.device());
 }
 
-// CPU: the pointer is host memory, so reading it is free; two slice copies (before and
-// after the wrap) handle any strides and the three floating dtypes.
+// CPU: the pointer is host memory, so reading it is free, and it is checked before any
+// write: a pointer outside [0, K) was set or restored by hand (enqueue_ keeps it in range),
+// and taking it modulo K would hide that. Two slice copies (before and after the wrap)
+// handle any strides and the three floating dtypes.
 void enqueue_cpu(at::Tensor& queue, at::Tensor& ptr, const at::Tensor& keys) {
   check_enqueue_inputs(queue, ptr, keys);
   const int64_t K = queue.size(0), B = keys.size(0);
   int64_t* p = ptr.data_ptr<int64_t>();
-  const int64_t start = ((*p % K) + K) % K;
+  const int64_t start = *p;
+  TORCH_CHECK_VALUE(0 <= start && start < K, "fastmoco::enqueue_: ptr = ", start,
+      " is outside [0, K) = [0, ", K, "): " FASTMOCO_POINTER_FIX);
   const int64_t first = std::min(B, K - start);  // rows that fit before the end
   if (first > 0) queue.narrow(0, start, first).copy_(keys.narrow(0, 0, first));
   if (B > first) queue.narrow(0, 0, B - first).copy_(keys.narrow(0, first, B - first));

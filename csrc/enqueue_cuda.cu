@@ -4,7 +4,12 @@
 //
 // Every thread reads *ptr from device memory, so nothing is synchronised with the host and
 // the call can be captured in a CUDA graph (ptr's address is static, its value is not baked
-// in).
+// in). For the same reason a pointer outside [0, K) cannot raise on the host: the kernel
+// prints it (thread 0 of each block, with the fix) and stops with a device-side assert,
+// which the next synchronising call reports as "device-side assert triggered" (the CUDA
+// context is then unusable, as after any device assert). Where device asserts are compiled
+// out (TORCH_DISABLE_GPU_ASSERTS) the start is still reduced modulo K, so the writes stay
+// inside the queue.
 //
 // Which launch is used when (enqueue_cuda below):
 //   - keys of up to kOneBlockMaxBytes (128 KiB: MoCo's B = 256, C = 128 in fp32 or bf16):
@@ -38,6 +43,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdio>
 
 #include "enqueue.h"
 
@@ -58,8 +64,15 @@ struct Args {
   int64_t queue_stride_k, queue_stride_c, keys_stride_b, keys_stride_c;
 };
 
+// The first row to write: *ptr, which must lie in [0, K) (see the top of the file).
 __device__ __forceinline__ int64_t queue_start(const Args& a) {
-  return ((*a.ptr % a.K) + a.K) % a.K;
+  const int64_t p = *a.ptr;
+  if (threadIdx.x == 0 && (p < 0 || p >= a.K)) {  // one message per block, not per thread
+    printf("fastmoco::enqueue_: ptr = %lld is outside [0, K) = [0, %lld): " FASTMOCO_POINTER_FIX
+           "\n", static_cast<long long>(p), static_cast<long long>(a.K));
+    CUDA_KERNEL_ASSERT(p >= 0 && p < a.K);
+  }
+  return ((p % a.K) + a.K) % a.K;
 }
 
 // This thread's share of the batch: elements (or 16-byte vectors) i, i + step, ...
@@ -119,6 +132,7 @@ __global__ void enqueue_copy_kernel(Args a) {
   copy_share<scalar_t, kOrder>(a, queue_start(a), blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x, step);
 }
 
+// Runs after enqueue_copy_kernel, which has checked *ptr (modulo K as in queue_start).
 __global__ void enqueue_advance_kernel(int64_t* ptr, int64_t K, int64_t B) {
   *ptr = (((*ptr % K) + K) % K + B) % K;
 }

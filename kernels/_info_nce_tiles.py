@@ -59,9 +59,13 @@ def prune(configs, named_args, **kwargs):
     """Keep the tiles that fit: registers (the per-thread estimate at most 256 for 16-bit
     operands, 80 for fp32 ones: tf32x3 splits each operand in two; both limits fitted to
     tools/kernel_report.py, below them nothing spills at C = 128) and shared memory
-    (shared_bytes <= the sm_90 limit: fp32 at C = 512 could not launch before). If none
+    (shared_bytes <= the sm_90 limit: fp32 at C = 512 could not launch before). fp32 at
+    C > 128 runs in feature chunks, so a program's width is OUT_C (128), not C: at the goal
+    shapes no kept tile spills (tools/kernel_report.py --all-tiles, checked in CI). If none
     fits, the smallest tile. With FASTMOCO_PIN_TILES=1, only the first kept."""
     block_c = kwargs.get("BLOCK_C") or named_args.get("BLOCK_C") or 128
+    # fp32 at C > 128 runs in feature chunks: a program accumulates OUT_C features
+    block_c = min(block_c, kwargs.get("OUT_C") or block_c)
     q = named_args.get("Q")
     wide = kwargs.get("DOT_F32") or getattr(q, "dtype", None) == torch.float32
     budget, elt = (80, 4) if wide else (256, 2)

@@ -17,9 +17,11 @@ with no host work but the launch itself. Each table segment starts 16-byte align
 
 lerp is computed the way torch.lerp does, so w = 0 leaves theta_k exactly and w = 1 gives
 theta_q exactly:  w < 0.5:  t + w (s - t);   else  s - (s - t)(1 - w).  Arithmetic runs in
-fp32 (fp64 for fp64 tensors) whatever the storage dtype. The momentum m comes either as a
-float or as a 0-d tensor on the device read by every program (no host sync, so a momentum
-schedule works inside a CUDA graph).
+fp32 (fp64 for fp64 tensors) whatever the storage dtype. The weight w = 1 - m comes either
+as a float or as a 0-d tensor on the device read by every program (no host sync, so a
+momentum schedule works inside a CUDA graph). A caller that holds w itself passes it as it
+is: near m = 1, w is exact in float32 to 2^-24 of itself, where 1 - (m rounded to float32)
+is not (m rounds to 1.0 once w < 2^-25).
 
 Cost model: 12 bytes per fp32 parameter (read t, read s, write t), e.g. ResNet-50's 25.6M
 parameters move 307 MB: ~0.10 ms at 3 TB/s. The table adds 16 bytes per chunk (0.4% at
@@ -64,14 +66,14 @@ def _ema_kernel(
     numels_ptr,
     chunk_tensor_ptr,
     chunk_start_ptr,
-    # momentum: a 0-d tensor (MOMENTUM_IN_TENSOR) or w = 1 - m split as w_hi + w_lo
-    momentum_ptr,
+    # the weight w = 1 - m: a 0-d tensor (WEIGHT_IN_TENSOR) or split as w_hi + w_lo
+    weight_ptr,
     w_hi,
     w_lo,
     # meta-parameters
     DTYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
-    MOMENTUM_IN_TENSOR: tl.constexpr,
+    WEIGHT_IN_TENSOR: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -84,8 +86,8 @@ def _ema_kernel(
     if ALIGNED:  # every address is 16-byte aligned: lets the compiler use 128-bit accesses
         t_ptr = tl.multiple_of(t_ptr, 16)
         s_ptr = tl.multiple_of(s_ptr, 16)
-    if MOMENTUM_IN_TENSOR:
-        w = 1.0 - tl.load(momentum_ptr).to(COMPUTE)
+    if WEIGHT_IN_TENSOR:
+        w = tl.load(weight_ptr).to(COMPUTE)
     else:  # two fp32 halves, so an fp64 group gets its weight to ~48 bits
         w = tl.cast(w_hi, COMPUTE) + tl.cast(w_lo, COMPUTE)
 
@@ -166,26 +168,30 @@ def build_ema_plan(targets, sources, block: int = BLOCK) -> EmaPlan:
 
 
 @functools.lru_cache(maxsize=64)
-def _weight_halves(momentum: float) -> tuple[float, float]:
-    """w = 1 - m as w_hi (w rounded to fp32) + w_lo, so an fp64 group gets ~48 bits of w."""
-    w = 1.0 - momentum
+def _weight_halves(w: float) -> tuple[float, float]:
+    """w as w_hi (w rounded to fp32) + w_lo, so an fp64 group gets ~48 bits of w."""
     w_hi = struct.unpack("f", struct.pack("f", w))[0]
     return w_hi, w - w_hi
 
 
-def ema_(plan: EmaPlan, momentum: float | torch.Tensor) -> None:
-    """One launch: target <- lerp(target, source, 1 - momentum) over every tensor of plan.
-
-    momentum: a float, or a 0-d floating tensor on the plan's device (read on the device).
-    """
+def ema_(plan: EmaPlan, momentum: float | torch.Tensor | None = None, *, weight=None) -> None:
+    """One launch: target <- lerp(target, source, w) over every tensor of plan, w = 1 -
+    momentum or the given weight (a float, or a 0-d floating tensor on the plan's device,
+    read on the device)."""
     if plan.num_chunks == 0:
         return
-    if isinstance(momentum, torch.Tensor):
+    if weight is None and isinstance(momentum, torch.Tensor):
+        # 1 - m in the kernel's arithmetic dtype, as the kernel itself would compute it
+        compute = torch.float64 if plan.dtype == torch.float64 else torch.float32
+        weight = 1.0 - momentum.to(compute)
+    elif weight is None:
+        weight = 1.0 - float(momentum)
+    if isinstance(weight, torch.Tensor):
         _ema_kernel[(plan.num_chunks,)](
-            *plan.segments, momentum, 0.0, 0.0, MOMENTUM_IN_TENSOR=True, **plan.meta
+            *plan.segments, weight, 0.0, 0.0, WEIGHT_IN_TENSOR=True, **plan.meta
         )
     else:  # plan.table: an unused pointer argument
-        w_hi, w_lo = _weight_halves(float(momentum))
+        w_hi, w_lo = _weight_halves(float(weight))
         _ema_kernel[(plan.num_chunks,)](
-            *plan.segments, plan.table, w_hi, w_lo, MOMENTUM_IN_TENSOR=False, **plan.meta
+            *plan.segments, plan.table, w_hi, w_lo, WEIGHT_IN_TENSOR=False, **plan.meta
         )

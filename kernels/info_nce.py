@@ -41,10 +41,20 @@ Cost model (F = N * M * C): forward 2F flops + N*M exp, reads the stream once pe
 (the row tiles of one split share it through L2); single pass +2F; recompute-backward dq 4F,
 dstream 4F. Extra memory: O(N * splits * C) fp32 (splits <= 32), never N x M. An empty
 stream (K = 0) is one split that reads nothing: the loss of the positive alone, 0.
+
+Feature chunks (fp32 operands at C > 128, CHUNK_C < BLOCK_C): whole rows of 512 fp32
+features, with tf32x3's two halves of each operand, spilled 7-8 KB per thread. There the
+logits' dot reads CHUNK_C = 32 features of q and the keys at a time (q is not held), and
+each program accumulates OUT_C = 128 features of dq or dstream (a grid axis over them),
+recomputing the logits: dq and dstream cost 2F (C / OUT_C) + 2F each (10F at C = 512, not
+4F), the single pass likewise; the plain forward is unchanged. bf16 and fp16 rows, and
+fp32 at C <= 128, run whole as before.
+
 Resources for sm_90 (registers, spills, shared memory), compiled the way a launch at the
-goal shapes compiles: python tools/kernel_report.py. Edges are masks on contiguous
-indices (j < end), so both queue layouts get vectorised, asynchronous loads; offsets
-switch to int64 (constexpr INT64) once an address reaches 2**31 elements.
+goal shapes compiles: python tools/kernel_report.py --all-tiles (no tile the autotuner
+may pick at the goal shapes spills, Triton 3.6 and 3.8; bench/RESULTS.md). Edges are
+masks on contiguous indices (j < end), so both queue layouts get vectorised, asynchronous
+loads; offsets switch to int64 (constexpr INT64) once an address reaches 2**31 elements.
 FASTMOCO_PIN_TILES=1 runs the first fitting tile of each list untuned (a short device check).
 
 Precision: loads in the inputs' dtypes, tl.dot accumulates in fp32; fp32 dots use one TF32
@@ -68,6 +78,9 @@ _MAX_SPLITS = 32  # caps the (splits, N, C) fp32 buffer of dq at 32 * N * C * 4 
 # fp32 dots when TF32 is off: three TF32 products (Triton's "tf32x3") give fp32's accuracy
 # on tensor cores; "ieee" compiles to FMA loops that spill (tools/kernel_report.py).
 FP32_PRECISION = "tf32x3"
+# fp32 operands at C > FP32_OUT_C: the logits' dot reads FP32_CHUNK_C features at a time
+# and each program accumulates FP32_OUT_C features of dq or dstream (see the kernels).
+FP32_CHUNK_C, FP32_OUT_C = 32, 128
 # Autotuning keys: sizes and every mode that changes the compiled code, the dot precision
 # included (a tile tuned with TF32 must not be reused for tf32x3); Triton adds the dtypes.
 _TUNE_KEY = ["N", "M", "BLOCK_C", "NORM_S", "EXCL_SELF", "DOT_F32", "PRECISION", "INT64"]
@@ -76,46 +89,19 @@ _PRUNE = {"early_config_prune": tiles.prune}  # candidate tiles: kernels/_info_n
 
 
 @triton.jit
-def _tile_logits(
-    q_raw, scale_q, rows, S, stride_sm, stride_sc, j, limit, cols_c, M, C, shift,
-    NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_SHIFT: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
-):  # fmt: skip
-    """s (BLOCK_N, BLOCK_K) fp32 for stream rows j (contiguous), -inf where excluded or
-    j >= limit; the raw tile (BLOCK_C, BLOCK_K) and its inverse norms.
-
-    j stays an arange plus a scalar and the edge is a mask (j < limit), so the compiler
-    sees contiguous addresses and vectorises the loads for either queue layout (replacing
-    j by M past the edge erased that: scalar 16-bit loads for buf.T). The keys are loaded
-    already transposed rather than through _load_rows plus tl.trans (fewer registers)."""
-    mask_j = j < limit
-    jj = j.to(tl.int64) if INT64 else j  # K * C >= 2**31: int64 addresses
-    kt = tl.load(
-        S + jj[None, :] * stride_sm + cols_c[:, None] * stride_sc,
-        mask=mask_j[None, :] & (cols_c[:, None] < C),
-        other=0.0,
-    )
-    if NORM_S:
-        kt32 = kt.to(tl.float32)
-        rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(kt32 * kt32, axis=0)), 1e-12)
+def _inv_norm(ssq, NORM: tl.constexpr):
+    """1 / max(||x||, eps) from the sum of squares; ones when not normalising."""
+    if NORM:
+        r = 1.0 / tl.maximum(tl.sqrt(ssq), 1e-12)
     else:
-        rk = tl.full([j.shape[0]], 1.0, tl.float32)
-    if DOT_F32:
-        dot = tl.dot(q_raw.to(tl.float32), kt.to(tl.float32), input_precision=PRECISION)
-    else:
-        dot = tl.dot(q_raw, kt, input_precision=PRECISION)
-    s = dot * scale_q[:, None] * rk[None, :]
-    valid = mask_j[None, :]
-    if EXCL_SELF:
-        valid = valid & (j[None, :] != rows[:, None])
-    if EXCL_SHIFT:
-        valid = valid & (j[None, :] != (rows[:, None] + shift) % M)
-    return tl.where(valid, s, float("-inf")), kt, rk
+        r = tl.full(ssq.shape, 1.0, tl.float32)
+    return r
 
 
 @triton.jit
 def _load_rows(X, stride_xn, stride_xc, rows, cols_c, N, C, NORM: tl.constexpr):
-    """A (BLOCK_N, BLOCK_C) tile in its dtype and the rows' inverse norms (fp32)."""
+    """A (BLOCK_N, len(cols_c)) tile in its dtype and the rows' inverse norms over those
+    columns (fp32)."""
     x = tl.load(
         X + rows[:, None] * stride_xn + cols_c[None, :] * stride_xc,
         mask=(rows[:, None] < N) & (cols_c[None, :] < C),
@@ -123,10 +109,140 @@ def _load_rows(X, stride_xn, stride_xc, rows, cols_c, N, C, NORM: tl.constexpr):
     )
     if NORM:
         x32 = x.to(tl.float32)
-        r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x32 * x32, axis=1)), 1e-12)
+        r = _inv_norm(tl.sum(x32 * x32, axis=1), NORM)
     else:
         r = tl.full([rows.shape[0]], 1.0, tl.float32)
     return x, r
+
+
+@triton.jit
+def _key_tile(S, stride_sm, stride_sc, j, limit, cols_c, C, INT64: tl.constexpr):
+    """Stream rows j (contiguous), columns cols_c, as a (len(cols_c), BLOCK_K) tile loaded
+    already transposed (fewer registers than _load_rows plus tl.trans). j stays an arange
+    plus a scalar and the edge is a mask (j < limit), so the compiler sees contiguous
+    addresses and vectorises the loads for either queue layout (replacing j by M past the
+    edge erased that: scalar 16-bit loads for buf.T)."""
+    jj = j.to(tl.int64) if INT64 else j  # K * C >= 2**31: int64 addresses
+    return tl.load(
+        S + jj[None, :] * stride_sm + cols_c[:, None] * stride_sc,
+        mask=(j < limit)[None, :] & (cols_c[:, None] < C),
+        other=0.0,
+    )
+
+
+# Feature chunks, for fp32 operands at C > 128 (FP32_CHUNK_C, FP32_OUT_C): whole 512-wide fp32
+# rows, with tf32x3's two halves of each operand, spilled 7-8 KB per thread. There the
+# logits' dot reads CHUNK_C features at a time (_rows_dot: no operand wider than a chunk
+# is held), and each program accumulates the features [c0, c0 + OUT_C) of dq or dstream
+# only, c0 from its last grid axis: the logits are recomputed per output chunk (BLOCK_C /
+# OUT_C times), the price of registers that hold one chunk's accumulator. (One program
+# holding every chunk's accumulator, as a tuple, still spilled: Triton puts all warps of a
+# chained dot along its rows, so each warp holds 16 whole rows.) Chunk loops over C run
+# at run time: unrolled, the chunks of q would be loop-invariant loads of the caller's
+# loop, which Triton's LICM hoists, holding the whole rows again.
+
+
+@triton.jit
+def _rows_dot(
+    A, stride_ar, stride_ac, ra, mask_a, B, stride_br, stride_bc, rb, mask_b, C,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, CHUNK_C: tl.constexpr,
+):  # fmt: skip
+    """(sum_c A[a, c] B[b, c] for a in ra, b in rb as a (len(ra), len(rb)) fp32 tile, and
+    sum_c B[b, c]^2), read CHUNK_C features at a time, B already transposed."""
+    acc = tl.zeros([ra.shape[0], rb.shape[0]], tl.float32)
+    ssq = tl.zeros([rb.shape[0]], tl.float32)
+    for c0 in range(0, C, CHUNK_C):
+        cc = c0 + tl.arange(0, CHUNK_C)
+        mask_c = cc < C
+        a = tl.load(
+            A + ra[:, None] * stride_ar + cc[None, :] * stride_ac,
+            mask=mask_a[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        bt = tl.load(
+            B + rb[None, :] * stride_br + cc[:, None] * stride_bc,
+            mask=mask_b[None, :] & mask_c[:, None],
+            other=0.0,
+        )
+        bt32 = bt.to(tl.float32)
+        ssq += tl.sum(bt32 * bt32, axis=0)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), bt32, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+    return acc, ssq
+
+
+@triton.jit
+def _inv_norms(X, stride_xn, stride_xc, rows, N, C, NORM: tl.constexpr, CHUNK_C: tl.constexpr):
+    """1/max(||x_i||, eps) per row (fp32; ones when not normalising), read in chunks."""
+    ssq = tl.zeros([rows.shape[0]], tl.float32)
+    if NORM:
+        for c0 in range(0, C, CHUNK_C):
+            x, _ = _load_rows(
+                X, stride_xn, stride_xc, rows, c0 + tl.arange(0, CHUNK_C), N, C, False
+            )
+            x32 = x.to(tl.float32)
+            ssq += tl.sum(x32 * x32, axis=1)
+    return _inv_norm(ssq, NORM)
+
+
+@triton.jit
+def _pair_stats(
+    Q, stride_qn, stride_qc, P, stride_pn, stride_pc, rows, N, C,
+    NORM: tl.constexpr, CHUNK_C: tl.constexpr,
+):  # fmt: skip
+    """(1/||q_i||, 1/||p_i||, <q_i, p_i>) per row (fp32), read in chunks."""
+    ssq_q = tl.zeros([rows.shape[0]], tl.float32)
+    ssq_p = tl.zeros([rows.shape[0]], tl.float32)
+    qp = tl.zeros([rows.shape[0]], tl.float32)
+    for c0 in range(0, C, CHUNK_C):
+        cc = c0 + tl.arange(0, CHUNK_C)
+        q, _ = _load_rows(Q, stride_qn, stride_qc, rows, cc, N, C, False)
+        p, _ = _load_rows(P, stride_pn, stride_pc, rows, cc, N, C, False)
+        q32, p32 = q.to(tl.float32), p.to(tl.float32)
+        ssq_q += tl.sum(q32 * q32, axis=1)
+        ssq_p += tl.sum(p32 * p32, axis=1)
+        qp += tl.sum(q32 * p32, axis=1)
+    return _inv_norm(ssq_q, NORM), _inv_norm(ssq_p, NORM), qp
+
+
+@triton.jit
+def _tile_logits(
+    q_raw, kt, Q, stride_qn, stride_qc, scale_q, rows, S, stride_sm, stride_sc, j, limit,
+    N, M, C, shift,
+    NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr, EXCL_SHIFT: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    CHUNK_C: tl.constexpr,
+):  # fmt: skip
+    """s (BLOCK_N, BLOCK_K) fp32 for stream rows j, -inf where excluded or j >= limit, and
+    the keys' inverse norms: from q_raw (BLOCK_N, BLOCK_C) and the key tile kt, or, both
+    None, from Q and S read CHUNK_C features at a time (_rows_dot)."""
+    mask_j = j < limit
+    if kt is None:
+        jj = j.to(tl.int64) if INT64 else j
+        dot, ssq = _rows_dot(
+            Q, stride_qn, stride_qc, rows, rows < N, S, stride_sm, stride_sc, jj, mask_j, C,
+            DOT_F32, PRECISION, CHUNK_C,
+        )  # fmt: skip
+        rk = _inv_norm(ssq, NORM_S)
+    else:
+        if NORM_S:
+            kt32 = kt.to(tl.float32)
+            rk = _inv_norm(tl.sum(kt32 * kt32, axis=0), NORM_S)
+        else:
+            rk = tl.full([j.shape[0]], 1.0, tl.float32)
+        if DOT_F32:
+            dot = tl.dot(q_raw.to(tl.float32), kt.to(tl.float32), input_precision=PRECISION)
+        else:
+            dot = tl.dot(q_raw, kt, input_precision=PRECISION)
+    s = dot * scale_q[:, None] * rk[None, :]
+    valid = mask_j[None, :]
+    if EXCL_SELF:
+        valid = valid & (j[None, :] != rows[:, None])
+    if EXCL_SHIFT:
+        valid = valid & (j[None, :] != (rows[:, None] + shift) % M)
+    return tl.where(valid, s, float("-inf")), rk
 
 
 @triton.jit
@@ -141,26 +257,38 @@ def _split_offsets(split, rows, cols_c, N, C, INT64: tl.constexpr):
 )
 @triton.jit
 def _forward_kernel(
-    Q, P, S, PART, ACC_OUT,
-    N, M, C, inv_T, keys_per_split, shift,
+    Q, P, S, PART,
+    N, M, C, inv_T, keys_per_split, shift, acc_offset,
     stride_qn, stride_qc, stride_pn, stride_pc, stride_sm, stride_sc,
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     INT64: tl.constexpr, FUSE_DQ: tl.constexpr, PROB_F32: tl.constexpr,
-    PROB_PRECISION: tl.constexpr,
+    PROB_PRECISION: tl.constexpr, CHUNK_C: tl.constexpr, OUT_C: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Per split: running max, sum of exp(s - max) and count per row, into PART (3 *
-    splits + 1, N) fp32 as [max; sum; count (int32 bits); s_pos]; with FUSE_DQ also
+    """Per split: running max, sum of exp(s - max) and count per row, into PART's first
+    (3 * splits + 1) N fp32 as [max; sum; count (int32 bits); s_pos]; with FUSE_DQ also
     sum_j exp(s_ij - max_i) nhat_j (BLOCK_N, C), rescaled like the sum (flash attention's
-    output), from which the finalize kernel makes dq without a second pass."""
+    output), into (splits, N, C) at PART + acc_offset (one scratch allocation, and the
+    offset a multiple of 16, which the JIT sees), from which the finalize kernel makes dq
+    without a second pass: features
+    [c0, c0 + OUT_C) of it, c0 from grid axis 2 (whose programs all compute the same
+    statistics; the first writes them)."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_c = tl.arange(0, BLOCK_C)
-    q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
-    p, rp = _load_rows(P, stride_pn, stride_pc, rows, cols_c, N, C, NORM_QP)
+    cols_o = tl.program_id(2) * OUT_C + tl.arange(0, OUT_C)  # this program's dq features
+    if CHUNK_C < BLOCK_C:  # q is read a chunk at a time where it is used, never held
+        q = None
+        rq, rp, qp = _pair_stats(
+            Q, stride_qn, stride_qc, P, stride_pn, stride_pc, rows, N, C, NORM_QP, CHUNK_C
+        )
+    else:
+        q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
+        p, rp = _load_rows(P, stride_pn, stride_pc, rows, cols_c, N, C, NORM_QP)
+        qp = tl.sum(q.to(tl.float32) * p.to(tl.float32), axis=1)
     scale_q = rq * inv_T
-    s_pos = tl.sum(q.to(tl.float32) * p.to(tl.float32), axis=1) * scale_q * rp
+    s_pos = qp * scale_q * rp
 
     # Online logsumexp; split 0 starts from the positive's term, the others from nothing
     # (a finite floor, so that a split whose every column is excluded never makes nan).
@@ -171,13 +299,18 @@ def _forward_kernel(
         run_max = tl.full([BLOCK_N], -1e30, tl.float32)
         run_sum = tl.zeros([BLOCK_N], tl.float32)
     count = tl.zeros([BLOCK_N], tl.int32)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_N, OUT_C], tl.float32)
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
     for j0 in range(start, end, BLOCK_K):
-        s, kt, rk = _tile_logits(
-            q, scale_q, rows, S, stride_sm, stride_sc, j0 + tl.arange(0, BLOCK_K), end,
-            cols_c, M, C, shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION, INT64,
+        j = j0 + tl.arange(0, BLOCK_K)
+        if CHUNK_C < BLOCK_C:
+            kt = None
+        else:
+            kt = _key_tile(S, stride_sm, stride_sc, j, end, cols_c, C, INT64)
+        s, rk = _tile_logits(
+            q, kt, Q, stride_qn, stride_qc, scale_q, rows, S, stride_sm, stride_sc, j, end,
+            N, M, C, shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION, INT64, CHUNK_C,
         )  # fmt: skip
         count += tl.sum((s > s_pos[:, None]).to(tl.int32), axis=1)
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
@@ -186,6 +319,8 @@ def _forward_kernel(
         run_sum = run_sum * alpha + tl.sum(e, axis=1)
         run_max = new_max
         if FUSE_DQ:  # operands: an accumulator-derived tile as is, a loaded tile transposed
+            if OUT_C < BLOCK_C:
+                kt = _key_tile(S, stride_sm, stride_sc, j, end, cols_o, C, INT64)
             e = e * rk[None, :]  # nhat_j = n_j rk_j
             acc = acc * alpha[:, None]  # rescaled, then accumulated into by the dot itself
             if PROB_F32:
@@ -195,21 +330,22 @@ def _forward_kernel(
 
     mask_n = rows < N
     splits = tl.num_programs(1)
-    tl.store(PART + split * N + rows, run_max, mask=mask_n)
-    tl.store(PART + (splits + split) * N + rows, run_sum, mask=mask_n)
-    count_bits = count.to(tl.float32, bitcast=True)
-    tl.store(PART + (2 * splits + split) * N + rows, count_bits, mask=mask_n)
-    if split == 0:
-        tl.store(PART + 3 * splits * N + rows, s_pos, mask=mask_n)
+    if tl.program_id(2) == 0:
+        tl.store(PART + split * N + rows, run_max, mask=mask_n)
+        tl.store(PART + (splits + split) * N + rows, run_sum, mask=mask_n)
+        count_bits = count.to(tl.float32, bitcast=True)
+        tl.store(PART + (2 * splits + split) * N + rows, count_bits, mask=mask_n)
+        if split == 0:
+            tl.store(PART + 3 * splits * N + rows, s_pos, mask=mask_n)
     if FUSE_DQ:
-        offs = _split_offsets(split, rows, cols_c, N, C, INT64)
-        tl.store(ACC_OUT + offs, acc, mask=mask_n[:, None] & (cols_c[None, :] < C))
+        offs = _split_offsets(split, rows, cols_o, N, C, INT64)
+        tl.store(PART + acc_offset + offs, acc, mask=mask_n[:, None] & (cols_o[None, :] < C))
 
 
 @triton.jit
 def _finalize_kernel(
-    PART, ACC_IN, Q, P, ROWS_OUT, LSE_OUT, RANK_OUT, DQ_OUT,
-    N, C, inv_T, dq_scale, stride_qn, stride_qc, stride_pn, stride_pc,
+    PART, Q, P, ROWS_OUT, LSE_OUT, RANK_OUT, DQ_OUT,
+    N, C, acc_offset, inv_T, dq_scale, stride_qn, stride_qc, stride_pn, stride_pc,
     NORM_QP: tl.constexpr, FUSE_DQ: tl.constexpr, INT64: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -240,7 +376,9 @@ def _finalize_kernel(
         mask_c = mask_n[:, None] & (cols_c[None, :] < C)
         split = sp.to(tl.int64) if INT64 else sp
         offs3 = split[:, None, None] * N * C + (rows[:, None] * C + cols_c[None, :])[None]
-        part = tl.load(ACC_IN + offs3, mask=(sp < SPLITS)[:, None, None] & mask_c[None], other=0.0)
+        part = tl.load(
+            PART + acc_offset + offs3, mask=(sp < SPLITS)[:, None, None] & mask_c[None], other=0.0
+        )
         weight = tl.exp(m - lse[None, :])  # exp(s - m_split) * exp(m_split - lse) = p_ij
         acc = tl.sum(part * weight[:, :, None], axis=0)  # (BLOCK_N, BLOCK_C)
         q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
@@ -263,30 +401,44 @@ def _dq_kernel(
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     INT64: tl.constexpr, PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
+    CHUNK_C: tl.constexpr, OUT_C: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """DQ_PART[split, i] = sum_{j in split} p_ij nhat_j (fp32)."""
+    """DQ_PART[split, i, c] = sum_{j in split} p_ij nhat_jc (fp32) for the features c in
+    [c0, c0 + OUT_C), c0 from grid axis 2."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_c = tl.arange(0, BLOCK_C)
+    cols_o = tl.program_id(2) * OUT_C + tl.arange(0, OUT_C)
     mask_n = rows < N
-    q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
+    if CHUNK_C < BLOCK_C:  # q is read a chunk at a time where it is used, never held
+        q = None
+        rq = _inv_norms(Q, stride_qn, stride_qc, rows, N, C, NORM_QP, CHUNK_C)
+    else:
+        q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
     lse = tl.load(LSE + rows, mask=mask_n, other=0.0)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_N, OUT_C], tl.float32)
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
     for j0 in range(start, end, BLOCK_K):
-        s, kt, rk = _tile_logits(
-            q, rq * inv_T, rows, S, stride_sm, stride_sc, j0 + tl.arange(0, BLOCK_K), end,
-            cols_c, M, C, shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION, INT64,
+        j = j0 + tl.arange(0, BLOCK_K)
+        if CHUNK_C < BLOCK_C:
+            kt = None
+        else:
+            kt = _key_tile(S, stride_sm, stride_sc, j, end, cols_c, C, INT64)
+        s, rk = _tile_logits(
+            q, kt, Q, stride_qn, stride_qc, rq * inv_T, rows, S, stride_sm, stride_sc, j, end,
+            N, M, C, shift, NORM_S, EXCL_SELF, EXCL_SHIFT, DOT_F32, PRECISION, INT64, CHUNK_C,
         )  # fmt: skip
+        if OUT_C < BLOCK_C:  # this program's features of the keys
+            kt = _key_tile(S, stride_sm, stride_sc, j, end, cols_o, C, INT64)
         prob = tl.exp(s - lse[:, None]) * rk[None, :]  # p_ij / ||n_j||: nhat_j = n_j rk_j
         if PROB_F32:
             acc += tl.dot(prob, tl.trans(kt.to(tl.float32)), input_precision=PROB_PRECISION)
         else:
             acc += tl.dot(prob.to(kt.dtype), tl.trans(kt), input_precision=PROB_PRECISION)
-    offs = _split_offsets(split, rows, cols_c, N, C, INT64)
-    tl.store(DQ_PART + offs, acc, mask=mask_n[:, None] & (cols_c[None, :] < C))
+    offs = _split_offsets(split, rows, cols_o, N, C, INT64)
+    tl.store(DQ_PART + offs, acc, mask=mask_n[:, None] & (cols_o[None, :] < C))
 
 
 @triton.autotune(configs=tiles.KEY_CONFIGS, key=_TUNE_KEY_PROB, prune_configs_by=_PRUNE)
@@ -298,38 +450,53 @@ def _dstream_kernel(
     NORM_QP: tl.constexpr, NORM_S: tl.constexpr, EXCL_SELF: tl.constexpr,
     EXCL_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     INT64: tl.constexpr, PROB_F32: tl.constexpr, PROB_PRECISION: tl.constexpr,
+    CHUNK_C: tl.constexpr, OUT_C: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """DS[j] = d loss / d n_j = Jacobian_j(sum_i G_i / T p_ij qhat_i), one key tile each.
+    """DS[j, c] = d loss / d n_jc = Jacobian_j(sum_i G_i / T p_ij qhat_i), one key tile
+    and the features [c0, c0 + OUT_C) each (c0 from grid axis 1).
 
     The logits are computed transposed, sT = n q^T (BLOCK_K, BLOCK_N), so that the
     probabilities enter the second dot as they are: tl.dot(tl.trans(x), q) with x derived
     from a dot accumulator is miscompiled on Hopper by Triton >= 3.4 at 64-wide tiles and
     gives wrong gradients (fla-org/flash-linear-attention issues 640 and 984, fixed there
-    by PR 826 the same way). Only loaded tiles (q) are ever transposed into a dot."""
+    by PR 826 the same way). Only loaded tiles (q) are ever transposed into a dot.
+
+    The normalisation's radial part needs <nhat_j, sum_i coef_ij q_i> over every feature,
+    which a program holding some features gets from the logits it computes anyway:
+    sum_i coef_ij <n_j, q_i> rn_j."""
     j = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols_c = tl.arange(0, BLOCK_C)
+    cols_o = tl.program_id(1) * OUT_C + tl.arange(0, OUT_C)
     mask_j = j < M
-    mask = mask_j[:, None] & (cols_c[None, :] < C)
     jj = j.to(tl.int64) if INT64 else j
-    n = tl.load(S + jj[:, None] * stride_sm + cols_c[None, :] * stride_sc, mask=mask, other=0.0)
-    if NORM_S:
-        n32 = n.to(tl.float32)
-        norm = tl.sqrt(tl.sum(n32 * n32, axis=1))
-        rn = 1.0 / tl.maximum(norm, 1e-12)
+    if CHUNK_C < BLOCK_C:
+        n = None
+        rn = _inv_norms(S, stride_sm, stride_sc, jj, M, C, NORM_S, CHUNK_C)
     else:
-        rn = tl.full([BLOCK_K], 1.0, tl.float32)
-    acc = tl.zeros([BLOCK_K, BLOCK_C], tl.float32)
+        n, rn = _load_rows(S, stride_sm, stride_sc, jj, cols_c, M, C, NORM_S)
+    acc = tl.zeros([BLOCK_K, OUT_C], tl.float32)
+    radial = tl.zeros([BLOCK_K], tl.float32)
     for i0 in range(0, N, BLOCK_N):
         rows = i0 + tl.arange(0, BLOCK_N)
         mask_n = rows < N
-        q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
         lse = tl.load(LSE + rows, mask=mask_n, other=0.0)
         g = tl.load(G + rows, mask=mask_n, other=0.0)
-        if DOT_F32:
-            dot = tl.dot(n.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=PRECISION)
+        if CHUNK_C < BLOCK_C:
+            dot, ssq_q = _rows_dot(
+                S, stride_sm, stride_sc, jj, mask_j, Q, stride_qn, stride_qc, rows, mask_n, C,
+                DOT_F32, PRECISION, CHUNK_C,
+            )  # fmt: skip
+            rq = _inv_norm(ssq_q, NORM_QP)
+            q, _ = _load_rows(Q, stride_qn, stride_qc, rows, cols_o, N, C, False)
         else:
-            dot = tl.dot(n, tl.trans(q), input_precision=PRECISION)
+            q, rq = _load_rows(Q, stride_qn, stride_qc, rows, cols_c, N, C, NORM_QP)
+            if DOT_F32:
+                dot = tl.dot(
+                    n.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision=PRECISION
+                )
+            else:
+                dot = tl.dot(n, tl.trans(q), input_precision=PRECISION)
         s_t = dot * rn[:, None] * (rq * inv_T)[None, :]  # (BLOCK_K, BLOCK_N)
         valid = mask_j[:, None] & mask_n[None, :]
         if EXCL_SELF:
@@ -338,15 +505,19 @@ def _dstream_kernel(
             valid = valid & (j[:, None] != (rows[None, :] + shift) % M)
         coef = tl.exp(tl.where(valid, s_t, float("-inf")) - lse[None, :])
         coef = coef * (g * inv_T * rq)[None, :]  # g_i p_ij / (T ||q_i||), transposed
+        if NORM_S:
+            radial += tl.sum(coef * dot, axis=1)
         if PROB_F32:
             acc += tl.dot(coef, q.to(tl.float32), input_precision=PROB_PRECISION)
         else:
             acc += tl.dot(coef.to(q.dtype), q, input_precision=PROB_PRECISION)
+    mask = mask_j[:, None] & (cols_o[None, :] < C)
     if NORM_S:  # through n -> n / max(||n||, eps): drop the radial part, divide by the norm
-        n_hat = n.to(tl.float32) * rn[:, None]
-        radial = tl.where(norm > 1e-12, tl.sum(n_hat * acc, axis=1), 0.0)
-        acc = (acc - n_hat * radial[:, None]) * rn[:, None]
-    tl.store(DS + jj[:, None] * stride_dm + cols_c[None, :] * stride_dc, acc, mask=mask)
+        if OUT_C < BLOCK_C:
+            n, _ = _load_rows(S, stride_sm, stride_sc, jj, cols_o, M, C, False)
+        radial = tl.where(rn < 1e12, radial * rn, 0.0)  # <nhat_j, acc_j>
+        acc = (acc - n.to(tl.float32) * (rn * radial)[:, None]) * rn[:, None]
+    tl.store(DS + jj[:, None] * stride_dm + cols_o[None, :] * stride_dc, acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -360,9 +531,9 @@ def _pow2(n):
     return 1 << max(0, n - 1).bit_length()
 
 
-def _last_offset(t):
+def _last_offset(shape, stride):
     """The largest element offset a 2-D tensor is addressed at."""
-    (rows, cols), (stride_r, stride_c) = t.shape, t.stride()
+    (rows, cols), (stride_r, stride_c) = shape, stride
     return (rows - 1) * stride_r + (cols - 1) * stride_c
 
 
@@ -374,6 +545,8 @@ def _flag_table(q_dtype, p_dtype, s_dtype, norm_qp, norm_s, excl_self, shifted, 
     # Backward's probabilities go through the dot in fp32 for fp16 inputs: p_ij ~ 1/K is
     # below fp16's normal range (6e-5) for any real queue. bf16 has fp32's range.
     prob_f32 = dot_f32 or torch.float16 in dtypes
+    block_c = max(16, _pow2(C))
+    chunked = (dot_f32 or torch.float32 in dtypes) and block_c > FP32_OUT_C
 
     def precision(fp32_operands):  # TF32 only where torch.matmul would use it
         return FP32_PRECISION if fp32_operands and not tf32 else "tf32"
@@ -382,18 +555,24 @@ def _flag_table(q_dtype, p_dtype, s_dtype, norm_qp, norm_s, excl_self, shifted, 
         NORM_QP=norm_qp, NORM_S=norm_s, EXCL_SELF=excl_self, EXCL_SHIFT=shifted,
         DOT_F32=dot_f32, PRECISION=precision(dot_f32 or torch.float32 in dtypes),
         PROB_F32=prob_f32, PROB_PRECISION=precision(prob_f32 or s_dtype == torch.float32),
-        BLOCK_C=max(16, _pow2(C)), INT64=int64,
+        BLOCK_C=block_c, CHUNK_C=FP32_CHUNK_C if chunked else block_c,
+        OUT_C=FP32_OUT_C if chunked else block_c, INT64=int64,
     )  # fmt: skip
 
 
 def _flags(q, p, s, norm_qp, norm_s, excl_self, shift, out):
-    """The kernels' constexprs for these inputs (cached: this runs on every call)."""
-    tf32 = q.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    # int32 addresses overflow once an offset reaches 2**31: K * C >= 2**31 for a queue, or
-    # splits * N * C for the dq partials (out); q and p (N x C) stay far below
-    int64 = max(_last_offset(s), out.numel()) >= 2**31 - 1
+    """The kernels' constexprs for these inputs (tools/kernel_report.py and the tests)."""
+    tf32 = q.is_cuda and _allow_tf32()
+    int64 = _int64(s.shape, s.stride(), out.numel())
     modes = (norm_qp, norm_s, excl_self, shift >= 0, tf32, q.shape[1], int64)
     return _flag_table(q.dtype, p.dtype, s.dtype, *modes)
+
+
+# torch.backends.cuda.matmul.allow_tf32 is a property that costs 0.6 us per read; its
+# getter reads this flag
+_allow_tf32 = getattr(
+    torch._C, "_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32
+)
 
 
 @functools.cache
@@ -401,11 +580,12 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _device_sms(device):
-    """Multiprocessors of a CUDA device; None for the interpreter."""
-    if device.type != "cuda":
+def _device_sms(is_cuda, index):
+    """Multiprocessors of a CUDA device (index -1: the current one); None for the
+    interpreter."""
+    if not is_cuda:
         return None
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(index if index >= 0 else torch.cuda.current_device())
 
 
 def _splits(N, M, sms, max_splits=_MAX_SPLITS):
@@ -431,66 +611,126 @@ def finalize_tile(block_s: int, block_c: int, fuse_dq: bool) -> tuple[int, int]:
     return rows, (4 if rows * block_s * block_c <= 8192 else 8)
 
 
+# ------------------------------------------------------------------ per-call host work
+# In eager use the host decides the speed at MoCo's sizes (the GPU work is tens of
+# microseconds), so everything that depends only on the inputs' shapes, strides, dtypes,
+# device and modes (splits, constexprs, grids, buffer sizes) is computed once per such
+# signature (_forward_plan, _backward_plan); a call then builds one key, allocates and
+# launches (bench/test_host_overhead.py times it). The plans hold no tensors.
+
+
+class _Plan:
+    """What the launches of one input signature share; attributes, read-only."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _signature(q, p, s):
+    """The key of a call's plan: everything a plan is computed from, cheap to read (the
+    device as (is CUDA, index): hashing a torch.device costs 0.5 us)."""
+    return (
+        q.shape, q.stride(), p.stride(), s.shape, s.stride(), q.dtype, p.dtype, s.dtype,
+        q.is_cuda, q.get_device(), q.is_cuda and _allow_tf32(),
+    )  # fmt: skip
+
+
+def _int64(s_shape, s_stride, numel):
+    """int32 addresses overflow once an offset reaches 2**31: K * C >= 2**31 for a queue,
+    or a scratch buffer of numel elements; q and p (N x C) stay far below."""
+    return max(_last_offset(s_shape, s_stride), numel) >= 2**31 - 1
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_plan(signature, norm_qp, norm_s, excl_self, shift, fuse_dq):
+    (q_shape, q_stride, p_stride, s_shape, s_stride, q_dtype, p_dtype, s_dtype, is_cuda,
+     index, tf32) = signature  # fmt: skip
+    (N, C), M = q_shape, s_shape[0]
+    block_c = max(16, _pow2(C))
+    # fused: the finalize program holds every split's (rows, C) partials: at most 16384
+    max_splits = min(_MAX_SPLITS, 16384 // block_c) if fuse_dq else _MAX_SPLITS
+    splits, per_split = _splits(N, M, _device_sms(is_cuda, index), max_splits)
+    # one fp32 scratch: the per-row partials, then (fused) the (splits, N, C) dq partials
+    acc_offset = _cdiv((3 * splits + 1) * N, 16) * 16
+    scratch = acc_offset + (splits * N * C if fuse_dq else 0)
+    int64 = _int64(s_shape, s_stride, scratch)
+    modes = (norm_qp, norm_s, excl_self, shift >= 0, tf32, C, int64)
+    flags = {**_flag_table(q_dtype, p_dtype, s_dtype, *modes), "FUSE_DQ": fuse_dq}
+    out_chunks = block_c // flags["OUT_C"] if fuse_dq else 1
+    block_s = _pow2(splits)
+    block_n, warps = finalize_tile(block_s, block_c, fuse_dq)
+    return _Plan(
+        N=N, M=M, C=C, scratch=scratch, acc_offset=acc_offset, dq_shape=(N, C) if fuse_dq else (0,),
+        args=(per_split, max(shift, 0), acc_offset, *q_stride, *p_stride, *s_stride),
+        flags=flags, grid=lambda meta: (_cdiv(N, meta["BLOCK_N"]), splits, out_chunks),
+        finalize_grid=(_cdiv(N, block_n),), finalize_strides=(*q_stride, *p_stride),
+        finalize_flags=dict(
+            NORM_QP=norm_qp, FUSE_DQ=fuse_dq, INT64=int64, SPLITS=splits, BLOCK_S=block_s,
+            BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps,
+        ),
+    )  # fmt: skip
+
+
 def forward(q, p, s, inv_T, *, norm_qp, norm_s, excl_self, shift, fuse_dq=False, dq_scale=1.0):
     """(rows (N,) fp32 loss, lse (N,) fp32, rank (N,) int64, dq_unit) for stream s (M, C).
 
     fuse_dq: also return d L_i / d q_i per unit of g_i (N, C) fp32, computed in the same
     pass (valid when only q needs a gradient), times dq_scale (1/N folds a mean's
-    gradient in, so that backward is one multiplication); otherwise dq_unit is empty."""
-    N, C = q.shape
-    M = s.shape[0]
-    block_c = max(16, _pow2(C))
-    # fused: the finalize program holds every split's (rows, C) partials: at most 16384
-    max_splits = min(_MAX_SPLITS, 16384 // block_c) if fuse_dq else _MAX_SPLITS
-    splits, per_split = _splits(N, M, _device_sms(q.device), max_splits)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    part = torch.empty((3 * splits + 1) * N, **f32)  # one allocation: host time counts here
-    acc = torch.empty(splits, N, C, **f32) if fuse_dq else part  # (unused when not fused)
-    flags = _flags(q, p, s, norm_qp, norm_s, excl_self, shift, acc)
-    grid = lambda meta: (_cdiv(N, meta["BLOCK_N"]), splits)
-    _forward_kernel[grid](
-        q, p, s, part, acc, N, M, C, inv_T, per_split, max(shift, 0),
-        *q.stride(), *p.stride(), *s.stride(), FUSE_DQ=fuse_dq, **flags,
-    )  # fmt: skip
-    rows, lse = torch.empty(N, **f32), torch.empty(N, **f32)  # outputs: no shared storage
-    rank = torch.empty(N, device=q.device, dtype=torch.int64)
-    dq_unit = torch.empty(N, C, **f32) if fuse_dq else torch.empty(0, **f32)
-    block_s = _pow2(splits)
-    block_n, warps = finalize_tile(block_s, block_c, fuse_dq)
-    _finalize_kernel[(_cdiv(N, block_n),)](
-        part, acc, q, p, rows, lse, rank, dq_unit, N, C, inv_T, dq_scale, *q.stride(), *p.stride(),
-        NORM_QP=norm_qp, FUSE_DQ=fuse_dq, INT64=flags["INT64"], SPLITS=splits,
-        BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps,
+    gradient in, so that backward is one multiplication); otherwise dq_unit is empty.
+    Host work: one plan look-up, five allocations (scratch and the four outputs, which
+    share no storage: they are a custom op's outputs too), two launches."""
+    plan = _forward_plan(_signature(q, p, s), norm_qp, norm_s, excl_self, shift, fuse_dq)
+    N, device = plan.N, q.device
+    scratch = torch.empty(plan.scratch, device=device, dtype=torch.float32)
+    _forward_kernel[plan.grid](q, p, s, scratch, N, plan.M, plan.C, inv_T, *plan.args, **plan.flags)
+    rows = torch.empty(N, device=device, dtype=torch.float32)
+    lse = torch.empty(N, device=device, dtype=torch.float32)
+    rank = torch.empty(N, device=device, dtype=torch.int64)
+    dq_unit = torch.empty(plan.dq_shape, device=device, dtype=torch.float32)
+    _finalize_kernel[plan.finalize_grid](
+        scratch, q, p, rows, lse, rank, dq_unit, N, plan.C, plan.acc_offset, inv_T, dq_scale,
+        *plan.finalize_strides, **plan.finalize_flags,
     )  # fmt: skip
     return rows, lse, rank, dq_unit
 
 
+@functools.lru_cache(maxsize=64)
+def _backward_plan(signature, norm_qp, norm_s, excl_self, shift):
+    (q_shape, q_stride, _, s_shape, s_stride, q_dtype, _, s_dtype, is_cuda, index,
+     tf32) = signature  # fmt: skip
+    (N, C), M = q_shape, s_shape[0]
+    splits, per_split = _splits(N, M, _device_sms(is_cuda, index))
+    int64 = _int64(s_shape, s_stride, max(splits * N * C, M * C))
+    modes = (norm_qp, norm_s, excl_self, shift >= 0, tf32, C, int64)
+    flags = _flag_table(q_dtype, q_dtype, s_dtype, *modes)
+    out_chunks = flags["BLOCK_C"] // flags["OUT_C"]
+    return _Plan(
+        N=N, M=M, C=C, splits=splits, per_split=per_split, shift=max(shift, 0), flags=flags,
+        dq_grid=lambda meta: (_cdiv(N, meta["BLOCK_N"]), splits, out_chunks),
+        dstream_grid=lambda meta: (_cdiv(M, meta["BLOCK_K"]), out_chunks),
+    )  # fmt: skip
+
+
 def backward_dq(q, s, lse, inv_T, *, norm_qp, norm_s, excl_self, shift):
     """sum_j p_ij nhat_j (N, C) fp32: the stream's part of d loss / d qhat, before g_i / T."""
-    N, C = q.shape
-    M = s.shape[0]
-    splits, per_split = _splits(N, M, _device_sms(q.device))
-    part = torch.empty(splits, N, C, device=q.device, dtype=torch.float32)
-    flags = _flags(q, q, s, norm_qp, norm_s, excl_self, shift, part)
-    grid = lambda meta: (_cdiv(N, meta["BLOCK_N"]), splits)
-    _dq_kernel[grid](
-        q, s, lse, part, N, M, C, inv_T, per_split, max(shift, 0),
-        *q.stride(), *s.stride(), **flags,
+    plan = _backward_plan(_signature(q, q, s), norm_qp, norm_s, excl_self, shift)
+    N, M, C = plan.N, plan.M, plan.C
+    part = torch.empty(plan.splits, N, C, device=q.device, dtype=torch.float32)
+    _dq_kernel[plan.dq_grid](
+        q, s, lse, part, N, M, C, inv_T, plan.per_split, plan.shift, *q.stride(), *s.stride(),
+        **plan.flags,
     )  # fmt: skip
-    return part.sum(dim=0) if splits > 1 else part[0]
+    return part.sum(dim=0) if plan.splits > 1 else part[0]
 
 
 def backward_dstream(q, s, lse, g, inv_T, *, norm_qp, norm_s, excl_self, shift):
     """d loss / d s (M, C) in s's dtype, given g_i = d loss / d L_i (N,) fp32."""
-    N, C = q.shape
-    M = s.shape[0]
     ds = torch.empty(s.shape, device=s.device, dtype=s.dtype)
-    if M == 0:  # an empty queue has an empty gradient (and a grid of 0 cannot launch)
+    if s.shape[0] == 0:  # an empty queue has an empty gradient (and a grid of 0 cannot launch)
         return ds
-    flags = _flags(q, q, s, norm_qp, norm_s, excl_self, shift, ds)
-    grid = lambda meta: (_cdiv(M, meta["BLOCK_K"]),)
-    _dstream_kernel[grid](
-        q, s, lse, g, ds, N, M, C, inv_T, max(shift, 0),
-        *q.stride(), *s.stride(), *ds.stride(), **flags,
+    plan = _backward_plan(_signature(q, q, s), norm_qp, norm_s, excl_self, shift)
+    _dstream_kernel[plan.dstream_grid](
+        q, s, lse, g, ds, plan.N, plan.M, plan.C, inv_T, plan.shift, *q.stride(), *s.stride(),
+        *ds.stride(), **plan.flags,
     )  # fmt: skip
     return ds

@@ -30,8 +30,8 @@ COMPILE = textwrap.dedent(
     for name, dtype, in_tensor in [("fp32", tl.float32, True), ("bf16", tl.bfloat16, False),
                                    ("fp64", tl.float64, False)]:
         signature = {p: "*i64" for p in ptrs}
-        signature.update(momentum_ptr="*fp32", w_hi="fp32", w_lo="fp32")
-        constexprs = dict(DTYPE=dtype, MOMENTUM_IN_TENSOR=in_tensor, ALIGNED=True, BLOCK=4096,
+        signature.update(weight_ptr="*fp32", w_hi="fp32", w_lo="fp32")
+        constexprs = dict(DTYPE=dtype, WEIGHT_IN_TENSOR=in_tensor, ALIGNED=True, BLOCK=4096,
                           COMPUTE=tl.float64 if name == "fp64" else tl.float32)
         signature.update({k: "constexpr" for k in constexprs})
         src = ASTSource(fn=_ema_kernel, signature=signature, constexprs=constexprs)

@@ -102,13 +102,53 @@ class NoHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_pointer_is_never_read_on_the_host():
+def test_device_pointer_is_never_read_on_the_host(monkeypatch):
+    """The torch path as it runs on CUDA tensors (the pointer checked by torch._assert_async,
+    not read), here on CPU tensors by taking the device branch. A CPU pointer is read from
+    host memory, like the extension's CPU kernel does: no aten read either."""
     queue, ptr = torch.zeros(8, 3), torch.zeros(1, dtype=torch.long)
-    with NoHostSync():
-        for B in (3, 5, 8, 1):
-            enqueue_(queue, ptr, torch.randn(B, 3))
+    want, want_ptr = torch.zeros(8, 3), torch.zeros(1, dtype=torch.long)
+    monkeypatch.setattr(enqueue_module, "_host_readable", lambda ptr: False)
+    for B in (3, 5, 8, 1):
+        keys = torch.randn(B, 3)
+        with NoHostSync():
+            enqueue_(queue, ptr, keys)
+        enqueue_reference(want, want_ptr, keys)  # reads the pointer: outside the detector
+        assert_equal(queue, want, f"queue (B={B})")
+        assert_equal(ptr, want_ptr, f"ptr (B={B})")
     with pytest.raises(AssertionError, match="host sync"), NoHostSync():
         enqueue_reference(queue, ptr, torch.randn(2, 3))  # the detector does detect
+    monkeypatch.undo()
+    with NoHostSync():
+        enqueue_(queue, ptr, torch.randn(2, 3))
+    assert int(ptr) == 3  # (3 + 5 + 8 + 1 + 2) % 8
+
+
+BAD_POINTERS = [8, 9, -1, -8, 2**40]  # K = 8
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_EXT, reason="fastmoco._C not built"))])  # fmt: skip
+@pytest.mark.parametrize("value", BAD_POINTERS)
+def test_pointer_outside_the_queue_raises_and_writes_nothing(value, backend):
+    """On CPU tensors both paths (the torch one, the extension's CPU kernel) refuse a pointer
+    outside [0, K), naming it, instead of taking it modulo K."""
+    queue, ptr = torch.zeros(8, 4), torch.tensor([value])
+    match = rf"ptr = {value} is outside \[0, K\) = \[0, 8\).*reset it with ptr\.zero_\(\)"
+    for B in (3, 0, 8):
+        with pytest.raises(ValueError, match=match):
+            enqueue_(queue, ptr, torch.ones(B, 4), backend=backend)
+        assert queue.eq(0).all() and ptr.tolist() == [value], f"B={B}: written"
+
+
+@pytest.mark.parametrize("value", BAD_POINTERS)
+def test_device_side_pointer_check_fails_on_a_pointer_outside_the_queue(value):
+    """The check the torch path runs for CUDA tensors: torch._assert_async, which on CPU
+    raises at once (on CUDA it fails in the kernel), and passes every pointer in range."""
+    for good in range(8):
+        enqueue_module._assert_pointer_on_device(torch.tensor([good]), 8)
+    with pytest.raises(RuntimeError, match=r"ptr is outside \[0, K\) = \[0, 8\)"):
+        enqueue_module._assert_pointer_on_device(torch.tensor([value]), 8)
 
 
 def _args(**override):
@@ -276,6 +316,8 @@ def test_extension_op_under_torch_compile(call):
 @pytest.mark.parametrize(
     "queue,ptr,keys,match",
     [
+        (torch.zeros(8, 4), torch.tensor([8]), torch.ones(3, 4), r"ptr = 8 is outside \[0, K\)"),
+        (torch.zeros(8, 4), torch.tensor([-3]), torch.ones(3, 4), r"ptr = -3 is outside \[0"),
         (torch.zeros(8, 4), torch.zeros(1, dtype=torch.long), torch.ones(9, 4), "B = 9 rows but"),
         (torch.zeros(8, 4), torch.zeros(1, dtype=torch.long), torch.ones(3, 5), "C = 5 columns"),
         (torch.zeros(8, 4), torch.zeros(1, dtype=torch.long), torch.ones(3, 4).half(), "dtype"),
@@ -308,6 +350,27 @@ def test_extension_pointer_is_never_read_on_the_host():
     assert int(ptr) == 0
 
 
+def test_torch_path_under_torch_compile():
+    """fullgraph: the torch path traces (its pointer check becomes torch._assert_async, which
+    raises at run time on a pointer outside the queue)."""
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(queue, ptr, keys):
+        enqueue_(queue, ptr, keys * 2, backend="torch")
+
+    queue, ptr = torch.zeros(7, 3), torch.tensor([5])
+    want, want_ptr = torch.zeros(7, 3), torch.tensor([5])
+    for B in (4, 7, 2):
+        keys = torch.randn(B, 3)
+        step(queue, ptr, keys)
+        enqueue_reference(want, want_ptr, keys * 2)
+        assert_equal(queue, want, f"compiled, B={B}")
+        assert_equal(ptr, want_ptr, f"compiled ptr, B={B}")
+    with pytest.raises(RuntimeError, match=r"ptr is outside \[0, K\) = \[0, 7\)"):
+        step(queue, torch.tensor([7]), torch.randn(2, 3))
+    assert_equal(queue, want, "queue after the refused call")
+
+
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(enqueue_module, "extension_op", lambda: None)
     enqueue_module._warn_fallback.cache_clear()
@@ -324,10 +387,41 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     enqueue_module._warn_fallback.cache_clear()
 
 
+BAD_POINTER_SCRIPT = """
+import sys, torch
+from fastmoco.ops import enqueue_
+queue, ptr = torch.zeros(8, 4, device="cuda"), torch.tensor([9], device="cuda")
+enqueue_(queue, ptr, torch.ones(3, 4, device="cuda"), backend=sys.argv[1])
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
 @pytest.mark.gpu
 @needs_cuda_ext
-def test_cuda_default_backend_captures_in_a_cuda_graph():
-    """The pointer lives on the device: replaying one captured step keeps advancing it."""
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+def test_cuda_pointer_outside_the_queue_stops_with_a_device_assert(backend):
+    """On CUDA the pointer is checked on the device: a device-side assert, reported at the
+    next sync. It leaves the CUDA context unusable, so it runs in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", BAD_POINTER_SCRIPT, backend], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "no error" not in proc.stdout, out[-3000:]
+    assert "device-side assert" in out, out[-3000:]
+    if backend == "cuda":  # the extension's kernel prints the value and the fix
+        assert "ptr = 9 is outside [0, K) = [0, 8)" in out, out[-3000:]
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_cuda_default_backend_captures_in_a_cuda_graph(backend):
+    """The pointer lives on the device: replaying one captured step keeps advancing it (the
+    torch path's device-side pointer check is captured too)."""
     K, C, B = 10, 4, 3
     queue = torch.zeros(K, C, device="cuda")
     ptr = torch.zeros(1, dtype=torch.long, device="cuda")
@@ -335,12 +429,12 @@ def test_cuda_default_backend_captures_in_a_cuda_graph():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        enqueue_(queue, ptr, keys)  # warm-up outside the capture
+        enqueue_(queue, ptr, keys, backend=backend)  # warm-up outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     queue.zero_(), ptr.zero_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        enqueue_(queue, ptr, keys)
+        enqueue_(queue, ptr, keys, backend=backend)
     want, want_ptr = torch.zeros(K, C), torch.zeros(1, dtype=torch.long)
     for _ in range(7):
         new_keys = torch.randn(B, C)

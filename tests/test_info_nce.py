@@ -441,3 +441,15 @@ def _inputs(**override):
 def test_validation_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         info_nce(args["q"], args["k"], args["queue"], **kwargs)
+
+
+@pytest.mark.parametrize("dtype, T", [(torch.float32, 1e-45), (torch.bfloat16, 1e-39)])
+def test_a_temperature_whose_inverse_overflows_is_refused(dtype, T):
+    """T = 1e-45 is positive and finite, but q.k / T overflows float32 (the loss was NaN):
+    refused by name, for both forms; a small but sane T still runs."""
+    q = F.normalize(torch.randn(4, 8), dim=1).to(dtype)
+    queue = F.normalize(torch.randn(16, 8), dim=1).to(dtype)
+    for k, keys in ((q, queue), (q, None)):
+        with pytest.raises(ValueError, match="too small: 1/T"):
+            info_nce(q, k, keys, T)
+    assert torch.isfinite(info_nce(q.float(), q.float(), queue.float(), 1e-3))

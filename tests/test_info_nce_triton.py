@@ -376,7 +376,8 @@ def test_auto_backend_falls_back_only_on_kernel_failures(monkeypatch):
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
-    from fastmoco.ops._common import KernelFallback, is_kernel_failure
+    from fastmoco.ops import _common
+    from fastmoco.ops._common import FusedKernels, is_kernel_failure
 
     op = sys.modules["fastmoco.ops.info_nce"]  # the module (the package exports the function)
     errors = []
@@ -384,9 +385,12 @@ def test_auto_backend_falls_back_only_on_kernel_failures(monkeypatch):
     def broken(*args, **kwargs):
         raise errors[-1]
 
-    monkeypatch.setattr(op, "select_backend", lambda backend, allowed, device: "triton")
+    monkeypatch.setattr(_common, "select_backend", lambda backend, allowed, device: "triton")
     monkeypatch.setattr(op, "triton_loss", broken)
-    monkeypatch.setattr(op, "FALLBACK", KernelFallback("InfoNCE"))
+    # a fresh rule (registered in a copy of the list, which the monkeypatch puts back)
+    monkeypatch.setattr(FusedKernels, "instances", list(FusedKernels.instances))
+    fresh = FusedKernels("InfoNCE", op.KERNELS.dtypes, op.KERNELS.max_width)
+    monkeypatch.setattr(op, "KERNELS", fresh)
     q, k, queue = torch.randn(5, 8), torch.randn(5, 8), torch.randn(20, 8)
     want = info_nce_reference(q.double(), k.double(), queue.double())
 
@@ -400,7 +404,7 @@ def test_auto_backend_falls_back_only_on_kernel_failures(monkeypatch):
         errors.append(err)
         with pytest.raises(type(err)):
             info_nce(q, k, queue)
-        assert op.FALLBACK.failed == {}  # not remembered: the next call tries again
+        assert op.KERNELS.failed == {}  # not remembered: the next call tries again
 
     errors.append(OutOfResources(262400, 232448, "shared memory"))
     with pytest.warns(RuntimeWarning, match="out of resource: shared memory") as warned:
@@ -415,6 +419,39 @@ def test_auto_backend_falls_back_only_on_kernel_failures(monkeypatch):
         info_nce(q, k, queue, backend="triton")
     assert is_kernel_failure(CompilationError.__new__(CompilationError))
     assert is_kernel_failure(RuntimeError("Triton Error [CUDA]: no kernel image is available"))
+
+
+def test_a_kernel_failure_while_capturing_raises_and_is_not_remembered(monkeypatch):
+    """Inside a CUDA-graph capture a fallback would record the PyTorch path into the graph
+    (or half of each): the kernel failure propagates, so the capture fails as a whole and
+    the step's own rule decides (eager, or every rank stops); nothing is remembered."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastmoco.ops import _common
+    from fastmoco.ops._common import FusedKernels
+
+    op = sys.modules["fastmoco.ops.info_nce"]
+
+    def broken(*args, **kwargs):
+        raise OutOfResources(262400, 232448, "shared memory")
+
+    monkeypatch.setattr(_common, "select_backend", lambda backend, allowed, device: "triton")
+    monkeypatch.setattr(op, "triton_loss", broken)
+    monkeypatch.setattr(FusedKernels, "instances", list(FusedKernels.instances))
+    monkeypatch.setattr(
+        op, "KERNELS", FusedKernels("InfoNCE", op.KERNELS.dtypes, op.KERNELS.max_width)
+    )
+    q, k, queue = torch.randn(5, 8), torch.randn(5, 8), torch.randn(20, 8)
+    monkeypatch.setattr(_common, "_capturing", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either
+        with pytest.raises(OutOfResources):
+            info_nce(q, k, queue)
+    assert op.KERNELS.failed == {}
+    monkeypatch.setattr(_common, "_capturing", lambda: False)  # outside a capture: the rule
+    with pytest.warns(RuntimeWarning, match="out of resource"):
+        info_nce(q, k, queue)
+    assert len(op.KERNELS.failed) == 1
 
 
 def test_training_steps_match_the_reference():
@@ -448,17 +485,19 @@ def test_training_steps_match_the_reference():
 
 def test_kernels_compile_launch_like_for_h100():
     """The interpreter accepts code that the GPU compiler rejects: compile every kernel for
-    sm_90 as a launch at the goal shapes would (tools/kernel_report.py, in a process
-    without TRITON_INTERPRET; Triton's bundled ptxas, no GPU needed) and check that each
-    fits the shared memory of sm_90 (fp32 at C = 512 did not), that nothing spills in
-    bf16 or at C = 128, and that the official buf.T queue in bf16 is read with async
-    copies and no scalar 16-bit loads (a non-contiguous index gave those)."""
+    sm_90 as a launch at the goal shapes would, with every tile the autotuner would try
+    there (tools/kernel_report.py --all-tiles, in a process without TRITON_INTERPRET;
+    Triton's bundled ptxas, no GPU needed) and check that each fits the shared memory of
+    sm_90 (fp32 at C = 512 did not), that no tile of any kernel spills, in bf16 or fp32
+    (fp32 at C = 512 spilled 7-8 KB per thread before it ran in feature chunks), and that
+    the official buf.T queue in bf16 is read with async copies and no scalar 16-bit loads
+    (a non-contiguous index gave those)."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTMOCO_PIN_TILES")
     }
-    cmd = [sys.executable, str(ROOT / "tools" / "kernel_report.py")]
+    cmd = [sys.executable, str(ROOT / "tools" / "kernel_report.py"), "--all-tiles"]
     cmd += ["--case", "moco", "--case", "general", "--dtype", "bf16", "--dtype", "fp32"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     header, _, *lines = out.stdout.splitlines()
     columns = [c.strip() for c in header.split("|")[1:-1]]
@@ -466,20 +505,27 @@ def test_kernels_compile_launch_like_for_h100():
         dict(zip(columns, (c.strip() for c in line.split("|")[1:-1]), strict=True))
         for line in lines
     ]
+    launches = {(r["kernel"], r["case"], r["dtype"]) for r in rows}
     names = {"_forward_kernel", "_finalize_kernel", "_dq_kernel", "_dstream_kernel"}
-    assert {r["kernel"] for r in rows} == names
-    assert len(rows) == 12, out.stdout  # moco: forward + finalize; general: all four; x 2
+    want = {
+        (k, "moco", d) for k in ("_forward_kernel", "_finalize_kernel") for d in ("bf16", "fp32")
+    }
+    want |= {(k, "general", d) for k in names for d in ("bf16", "fp32")}
+    assert launches == want, out.stdout  # moco: forward + finalize; general: all four
     for r in rows:
-        name = f"{r['kernel']} {r['case']} {r['dtype']}"
+        name = f"{r['kernel']} {r['case']} {r['dtype']} {r['BLOCK_N x BLOCK_K']} w{r['warps']}"
         assert int(r["shared (B)"]) <= tiles.SHARED_LIMIT, f"{name} cannot launch"
-        if r["dtype"] == "bf16" or r["C"] == "128":
-            assert int(r["stack (spills)"]) == 0, f"{name} spills:\n{out.stdout}"
-    (moco_bf16,) = [
+        assert int(r["stack (spills)"]) == 0, f"{name} spills:\n{out.stdout}"
+        wide = r["dtype"] == "fp32" and r["C"] == "512" and r["kernel"] != "_finalize_kernel"
+        assert (r["CHUNK_C / OUT_C"] != "-") == wide, f"{name}: feature chunks for fp32 at C=512"
+    moco_bf16 = [
         r
         for r in rows
         if r["case"] == "moco" and r["kernel"] == "_forward_kernel" and r["dtype"] == "bf16"
     ]
-    assert int(moco_bf16["LDGSTS"]) > 0 and int(moco_bf16["LDG.U16"]) == 0, out.stdout
+    # the first tile (FASTMOCO_PIN_TILES's) and most others read buf.T with async copies
+    assert int(moco_bf16[0]["LDGSTS"]) > 0, out.stdout
+    assert all(int(r["LDG.U16"]) == 0 for r in moco_bf16), out.stdout
 
 
 def test_no_dot_operand_transposes_an_accumulator():
@@ -517,6 +563,12 @@ def test_dot_flags_follow_the_inputs():
     assert table(f32, f32, f32, *modes, True, 128, False)["PRECISION"] == "tf32"
     half = torch.float16
     assert table(half, half, half, *modes, False, 128, False)["PRECISION"] == "tf32"  # unused
+    # feature chunks: fp32 operands wider than 128 features, nothing else
+    wide = table(f32, f32, f32, *modes, False, 512, False)
+    assert (wide["CHUNK_C"], wide["OUT_C"], wide["BLOCK_C"]) == (32, 128, 512)
+    for dtype, C in ((f32, 128), (half, 512)):
+        flags = table(dtype, dtype, dtype, *modes, False, C, False)
+        assert flags["CHUNK_C"] == flags["OUT_C"] == flags["BLOCK_C"] == C, (dtype, C)
 
 
 def test_autotune_key_includes_the_dot_precision():
@@ -528,7 +580,20 @@ def test_autotune_key_includes_the_dot_precision():
         assert {"PRECISION", "PROB_PRECISION", "DOT_F32", "INT64"} <= set(keys), (name, keys)
 
 
-def test_int64_offsets_when_the_queue_is_huge(monkeypatch):
+@pytest.fixture
+def fresh_plans():
+    """Launch plans and constexprs forgotten before and after the test: one that changes
+    what they are computed from (a monkeypatched helper or constant) must neither see
+    stale ones nor leave its own behind."""
+    caches = (kernels._forward_plan, kernels._backward_plan, kernels._flag_table)
+    for cache in caches:
+        cache.cache_clear()
+    yield
+    for cache in caches:
+        cache.cache_clear()
+
+
+def test_int64_offsets_when_the_queue_is_huge(monkeypatch, fresh_plans):
     """K * C >= 2**31 (here K = 2**24, C = 128: meta tensors, no memory) switches the
     address arithmetic to int64; the int64 variant gives the same results."""
     meta = dict(device="meta", dtype=torch.bfloat16)
@@ -541,9 +606,48 @@ def test_int64_offsets_when_the_queue_is_huge(monkeypatch):
     q, k = torch.randn(37, 40, device=DEVICE), torch.randn(37, 40, device=DEVICE)
     leaf, view = make_queue(101, 40, "transposed", torch.float32)
     want = fused_against_fp64(q, k, leaf, view, torch.float32, 1e-5)
-    monkeypatch.setattr(kernels, "_last_offset", lambda t: 2**31)  # force the int64 variant
+    monkeypatch.setattr(kernels, "_last_offset", lambda *a: 2**31)  # force the int64 variant
+    kernels._forward_plan.cache_clear()  # made with int32 offsets for these shapes
+    kernels._backward_plan.cache_clear()
+    plan = kernels._forward_plan(
+        kernels._signature(q, k, view(leaf)), True, False, False, -1, False
+    )
+    assert plan.flags["INT64"] and plan.finalize_flags["INT64"]
     assert want == [] and fused_against_fp64(q, k, leaf, view, torch.float32, 1e-5) == []
     assert fused_against_fp64(q, k, leaf, view, torch.float32, 1e-5, q_only=True) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_chunks_match_the_reference(monkeypatch, fresh_plans, dtype):
+    """fp32 operands at C > 128 run in feature chunks (the logits' dot CHUNK_C features at
+    a time, OUT_C features of dq or dstream per program). Here the chunks are made small
+    (8 and 16 features) so that small C crosses several of them, ragged ones included:
+    every mode and gradient matches the reference as the whole-row kernels do. (Under the
+    interpreter bf16 dots run in fp32, so bf16 inputs take the chunks too.)"""
+    monkeypatch.setattr(kernels, "FP32_CHUNK_C", 8)
+    monkeypatch.setattr(kernels, "FP32_OUT_C", 16)
+    if DEVICE != "cpu" and dtype != torch.float32:
+        pytest.skip("on a GPU only fp32 operands take the chunks")
+    for C in (40, 17):
+        flags = kernels._flag_table(dtype, dtype, dtype, True, False, False, False, False, C, False)
+        assert flags["CHUNK_C"] == 8 and flags["OUT_C"] == 16 < flags["BLOCK_C"], (C, flags)
+    torch.manual_seed(17)
+    bound = BOUND[dtype]
+    q, k = torch.randn(19, 40, dtype=F64), torch.randn(19, 40, dtype=F64)
+    leaf, view = make_queue(50, 40, "transposed")
+    check(q, k, leaf, view, dtype, bound)  # forward, dq and dstream kernels
+    leaf, view = make_queue(50, 40, "contiguous")
+    check(q, k, leaf, view, dtype, bound, q_only=True)  # the single pass
+    q, k = torch.randn(21, 17, dtype=F64), torch.randn(21, 17, dtype=F64)
+    check(q, k, None, None, dtype, bound, reduction="none")  # in-batch: dstream's Jacobian
+    z = [torch.randn(9, 17, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2)]
+    zz = [t.detach().double().requires_grad_() for t in z]
+    got = nt_xent(*z, 0.5, backend="triton")
+    want = nt_xent_reference(*zz, 0.5)
+    torch.autograd.backward([got, want])
+    assert rel_mismatch(got.detach(), want.detach(), bound) is None
+    for a, b in zip(z, zz, strict=True):
+        assert rel_mismatch(a.grad, b.grad, bound) is None
 
 
 def test_pinned_tiles_keep_one_config_per_kernel(monkeypatch):

@@ -570,3 +570,208 @@ def test_cuda_triton_odd_sizes(dtype):
     sources = [torch.randn(s, generator=gen).to(dtype).cuda() for s in ODD_SHAPES]
     # m = 0.9: a skipped update is 10% of the value, well above bf16's rounding
     _check_triton_matches_reference(targets, sources, 0.9, f"cuda {dtype}")
+
+
+# ---- calls refused at validation: aliasing, a reversed call -------------------------------
+
+
+def _aliasing(kind):
+    """(target, source, match) of a call whose targets overlap each other or a source."""
+    targets, sources = _lists()
+    if kind == "target_twice":
+        targets[3] = targets[1]
+        sources[3] = sources[1]
+        return targets, sources, r"target \[1\] is the same tensor as target \[3\]: it would be"
+    if kind == "target_view_of_target":
+        flat = torch.randn(20)
+        targets[1], targets[3] = flat[:6].view(3, 2), flat[4:16].view(3, 4)  # 2 elements shared
+        return targets, sources, r"target \[1\] shares memory with target \[3\]"
+    if kind == "target_is_a_source":
+        sources[2] = targets[2]
+        return targets, sources, r"source \[2\] is the same tensor as target \[2\]: the update"
+    if kind == "target_overlaps_another_source":
+        flat = torch.randn(100)
+        targets[1], sources[0] = flat[:6].view(3, 2), flat[4:7].view(3, 1)
+        return targets, sources, r"source \[0\] shares memory with target \[1\]"
+    if kind == "one_module_twice":
+        target = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        return target, target, r"source (\d\.\w+) is the same tensor as target \1: the update"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["target_twice", "target_view_of_target", "target_is_a_source",
+     "target_overlaps_another_source", "one_module_twice"],
+)  # fmt: skip
+@pytest.mark.parametrize("backend", [None, pytest.param("triton", marks=needs_triton_here)])
+def test_aliased_targets_raise_and_write_nothing(kind, backend):
+    """A target listed twice would be updated twice in one call; one that is (or overlaps) a
+    source changes what the update reads. Refused by name, before any write."""
+    target, source, match = _aliasing(kind)
+    tensors = list(target.parameters()) if isinstance(target, nn.Module) else target
+    before = [t.detach().clone() for t in tensors]
+    with pytest.raises(ValueError, match=match):
+        momentum_update_(target, source, 0.5, backend=backend)
+    assert all(torch.equal(t.detach(), b) for t, b in zip(tensors, before, strict=True))
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param("triton", marks=needs_triton_here)])
+def test_disjoint_views_and_shared_sources_are_allowed(backend):
+    """Targets that are disjoint views of one flat buffer (a flat parameter store) and one
+    source read by two targets are legal, and update like separate tensors."""
+    flat = torch.randn(30, dtype=torch.float64)
+    targets = [flat[:6].view(2, 3), flat[6:10], flat[10:30].view(4, 5)]
+    shared = torch.randn(4, dtype=torch.float64)
+    sources = [torch.randn(2, 3, dtype=torch.float64), shared, torch.randn(4, 5).double()]
+    targets.append(torch.randn(4, dtype=torch.float64))
+    sources.append(shared)
+    before = [t.clone() for t in targets]
+    momentum_update_(targets, sources, 0.75, backend=backend)
+    for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+        check_ema(got, t0, s, 0.75, name=f"tensor {i}")
+    assert flat.data_ptr() == targets[0].data_ptr()  # written in place, in the flat buffer
+
+
+def test_aliasing_is_checked_once_per_structure(monkeypatch):
+    """The overlap and direction checks run when a plan is validated, not on cached calls."""
+    calls = []
+
+    def counted(name):
+        check = getattr(momentum_update_module, name)
+
+        def run(*args):
+            calls.append(name)
+            return check(*args)
+
+        return run
+
+    for name in ("_check_no_aliasing", "_check_direction"):
+        monkeypatch.setattr(momentum_update_module, name, counted(name))
+    target, source = _pair_of_models()
+    targets, sources = _lists()
+    for _ in range(3):
+        momentum_update_(target, source, 0.5)
+        momentum_update_(targets, sources, 0.5)
+    assert calls == ["_check_no_aliasing", "_check_direction"] * 2
+
+
+def _online_and_ema():
+    """lightly's pair: an online model that trains, its deep copy with requires_grad off."""
+    torch.manual_seed(7)
+    online = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    ema = copy.deepcopy(online)
+    for p in ema.parameters():  # lightly.models.utils.deactivate_requires_grad
+        p.requires_grad = False
+    return online, ema
+
+
+@pytest.mark.parametrize("as_lists", [False, True], ids=["modules", "lists"])
+def test_reversed_call_is_refused_and_shows_the_right_one(as_lists):
+    """Called in lightly's update_momentum(model, model_ema, m) order, the update would pull
+    the trained model toward its frozen copy: refused, naming the right call."""
+    online, ema = _online_and_ema()
+    with torch.no_grad():  # the copy has drifted, so a reversed update would change online
+        for p in ema.parameters():
+            p.add_(1.0)
+    target, source = online, ema
+    if as_lists:
+        target, source = list(online.parameters()), list(ema.parameters())
+    before = [p.detach().clone() for p in online.parameters()]
+    match = (
+        r"looks reversed: the target's tensors require grad \((parameter 0\.weight|tensor \[0\])"
+        r".*call momentum_update_\(model_ema, model, m\), the reverse of lightly's"
+    )
+    with pytest.raises(ValueError, match=match):
+        momentum_update_(target, source, 0.9)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(online.parameters(), before, strict=True))
+    # the right order works, and so do detached tensors (the documented way to do it anyway)
+    ema_before = [p.clone() for p in ema.parameters()]
+    momentum_update_(ema, online, 0.9)
+    for (name, got), t0, s in zip(ema.named_parameters(), ema_before, online.parameters(),
+                                  strict=True):  # fmt: skip
+        check_ema(got, t0, s, 0.9, name=name)
+    momentum_update_([p.detach() for p in online.parameters()], list(ema.parameters()), 0.0)
+    assert all(
+        torch.equal(p, q) for p, q in zip(online.parameters(), ema.parameters(), strict=True)
+    )
+
+
+def test_both_sides_trainable_or_frozen_are_not_called_reversed():
+    """Only target-trains-but-source-does-not reads as reversed: a key encoder left trainable,
+    two frozen models, or a source with some frozen layers pass."""
+    online, ema = _online_and_ema()
+    momentum_update_(copy.deepcopy(online), online, 0.5)  # both require grad
+    momentum_update_(copy.deepcopy(ema), ema, 0.5)  # neither does
+    online[0].weight.requires_grad_(False)  # a frozen layer in the trained model
+    momentum_update_(ema, online, 0.5)
+
+
+# ---- device tables held for a captured graph ----------------------------------------------
+
+
+@needs_triton_here
+@pytest.mark.parametrize("hold", [False, True], ids=["cache_only", "held"])
+def test_held_device_tables_outlive_the_caches(hold):
+    """A graph captured over a list update reads that list's device table by address. The
+    caches keep 16 plans and tables: building 17 more frees it (the failure a replay would
+    write through); hold_device_tables() keeps it until the holder is dropped."""
+    momentum_update_module.clear_plans()
+    targets, sources = _lists()
+    momentum_update_(targets, sources, 0.5, backend="triton")
+    (plan,) = momentum_update_module._tables.values()
+    table = weakref.ref(plan.table)
+    del plan
+    held = momentum_update_module.hold_device_tables() if hold else None
+    assert not hold or len(held) == 1
+    others = [([torch.randn(i + 1)], [torch.randn(i + 1)]) for i in range(17)]
+    for t, s in others:  # other structures: plans and tables evict the first ones
+        momentum_update_(t, s, 0.5, backend="triton")
+    gc.collect()
+    assert (table() is not None) == hold, "the table should live exactly while it is held"
+    if hold:
+        before = [t.clone() for t in targets]
+        from fastmoco.kernels.ema import ema_
+
+        ema_(held.tables[0], 0.5)  # what a replay runs: the held table still addresses them
+        for i, (got, t0, s) in enumerate(zip(targets, before, sources, strict=True)):
+            check_ema(got, t0, s, 0.5, name=f"tensor {i} through the held table")
+        del held
+        gc.collect()
+        assert table() is None, "dropping the holder frees the table"
+    momentum_update_module.clear_plans()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_replays_after_other_plans_evict_its_table():
+    """MoCo v3's call: a list rebuilt from the key encoder's parameters, captured; then more
+    than 16 other structures and fresh allocations; replays still update the right tensors."""
+    momentum_update_module.clear_plans()
+    targets = [torch.randn(1000, device="cuda") for _ in range(5)]
+    sources = [torch.randn(1000, device="cuda") for _ in range(5)]
+    want = [t.double() for t in targets]
+    momentum = torch.tensor(0.9, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        momentum_update_(list(targets), sources, momentum)  # warm-up: builds the table
+    torch.cuda.current_stream().wait_stream(stream)
+    want = [ema_reference(w, s, momentum) for w, s in zip(want, sources, strict=True)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        momentum_update_(list(targets), sources, momentum)
+    held = momentum_update_module.hold_device_tables()
+    for i in range(20):  # evict every cached plan and table, then reuse the freed memory
+        momentum_update_([torch.randn(i + 1, device="cuda")], [torch.randn(i + 1, device="cuda")],
+                         0.5)  # fmt: skip
+    gc.collect()
+    garbage = [torch.full((4096,), -1, dtype=torch.int64, device="cuda") for _ in range(64)]
+    for _ in range(3):
+        graph.replay()
+        want = [ema_reference(w, s, momentum) for w, s in zip(want, sources, strict=True)]
+    torch.cuda.synchronize()
+    for i, (got, w) in enumerate(zip(targets, want, strict=True)):
+        assert_rel_close(got, w, EMA_TOL[got.dtype], name=f"tensor {i}")
+    del garbage, held, graph
+    momentum_update_module.clear_plans()

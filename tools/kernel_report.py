@@ -16,9 +16,13 @@ strides as constants), for the tiles the autotuner would try there. Cases:
     python tools/kernel_report.py --all-tiles    # every tile the autotuner would try
     python tools/kernel_report.py --ptx DIR      # also write each variant's PTX and cubin
 
+CHUNK_C / OUT_C: fp32 operands at C > 128 run in feature chunks (kernels/info_nce.py): the
+logits' dot reads CHUNK_C features at a time and a program accumulates OUT_C of them.
+
 Run it without TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python).
-tests/test_info_nce_triton.py runs it, so a kernel the GPU compiler rejects, one that
-spills, or one that needs more shared memory than sm_90 has, cannot land.
+tests/test_info_nce_triton.py runs it with --all-tiles, so a kernel the GPU compiler
+rejects, a tile the autotuner may pick that spills, or one that needs more shared memory
+than sm_90 has, cannot land.
 """
 
 import argparse
@@ -67,9 +71,11 @@ def record_launches(case, dtype):
             return lambda *args, **kwargs: launches.append((self.name, args, kwargs))
 
     patches = [mock.patch.object(K, name, Recorder(name)) for name in _KERNELS]
-    patches.append(mock.patch.object(K, "_device_sms", lambda device: H200_SMS))
+    patches.append(mock.patch.object(K, "_device_sms", lambda is_cuda, index: H200_SMS))
     for p in patches:
         p.start()
+    K._forward_plan.cache_clear()  # plans are per signature: these are the H200's
+    K._backward_plan.cache_clear()
     try:
         if case.startswith("moco"):
             K.forward(q, k, s, 5.0, fuse_dq=True, dq_scale=1 / N, **modes)
@@ -80,6 +86,8 @@ def record_launches(case, dtype):
     finally:
         for p in patches:
             p.stop()
+        K._forward_plan.cache_clear()
+        K._backward_plan.cache_clear()
     return launches
 
 
@@ -160,8 +168,10 @@ def report(cases, dtypes, all_tiles=False, kernels=None, ptx=None):
                     compiled = compile_launch(name, args, kwargs, config)
                     tile = config["kwargs"]
                     block_n = tile.get("BLOCK_N", kwargs.get("BLOCK_N"))
+                    chunked = kwargs.get("CHUNK_C", kwargs["BLOCK_C"]) < kwargs["BLOCK_C"]
                     row = dict(
                         kernel=name, case=case, dtype=dtype, C=kwargs["BLOCK_C"],
+                        chunks=f"{kwargs['CHUNK_C']} / {kwargs['OUT_C']}" if chunked else "-",
                         tile=f"{block_n} x {tile.get('BLOCK_K', '-')}",
                         warps=config["num_warps"], stages=config["num_stages"],
                         **resources(compiled),
@@ -175,7 +185,7 @@ def report(cases, dtypes, all_tiles=False, kernels=None, ptx=None):
 
 
 _COLUMNS = (
-    "kernel", "case", "dtype", "C", "tile", "warps", "stages", "regs", "stack", "shared",
+    "kernel", "case", "dtype", "C", "chunks", "tile", "warps", "stages", "regs", "stack", "shared",
     "async_copies", "loads_16bit",
 )  # fmt: skip
 
@@ -191,9 +201,9 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels by Python")
     cases = args.case or ("moco", "moco-rowmajor", "general")
-    print("| kernel | case | dtype | C | BLOCK_N x BLOCK_K | warps | stages | registers "
-          "| stack (spills) | shared (B) | LDGSTS | LDG.U16 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | case | dtype | C | CHUNK_C / OUT_C | BLOCK_N x BLOCK_K | warps | stages "
+          "| registers | stack (spills) | shared (B) | LDGSTS | LDG.U16 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report(cases, args.dtype or list(_DTYPES), args.all_tiles, args.kernel, args.ptx):
         print("| " + " | ".join(str(row[c]) for c in _COLUMNS) + " |", flush=True)
 

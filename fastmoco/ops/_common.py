@@ -1,5 +1,7 @@
-"""What the ops share: input checks, the accumulation dtype, autocast handling, unit-row
-normalisation and its backward, the backend choice, the fallback rule, reduce_rows.
+"""What the ops share: the backend choice (select_backend, for every op), the rule of the
+ops with fused kernels (FusedKernels: fused or PyTorch, and what a kernel failure does),
+input checks, the accumulation dtype, autocast handling, unit-row normalisation and its
+backward, reduce_rows.
 
 Imports go one way: info_nce.py, nt_xent.py, _info_nce_fused.py, reference.py and the other
 ops import this module; it imports none of them.
@@ -49,7 +51,7 @@ def select_backend(
     return backend
 
 
-# ------------------------------------------------------------------------ fallback rule
+# ------------------------------------------------------------------------ fused or PyTorch
 
 
 def _triton_error_types() -> tuple[type, ...]:
@@ -82,22 +84,59 @@ def is_kernel_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and str(err).startswith("Triton Error")
 
 
-class KernelFallback:
-    """The fallback rule of one fused op, for backend=None only (backend="triton" always
-    raises): a kernel failure (is_kernel_failure) for a kind of input (device, dtypes,
-    feature width) warns once, with its cause, and the PyTorch path serves that kind of
-    input from then on; every other exception propagates and changes nothing."""
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
-    def __init__(self, op: str):
-        self.op = op
+
+class FusedKernels:
+    """The one rule for an op that has fused Triton kernels and a PyTorch path.
+
+    Which runs (`chooses`): backend="triton" always the kernels (errors raise),
+    backend="torch" the PyTorch path, backend=None the kernels for CUDA tensors they take
+    (dtypes, feature width) unless they already failed here for that kind of input.
+    What a kernel failure does (`run`): with backend=None it warns once, with its cause,
+    and the PyTorch path serves that kind of input (device, dtypes, width) from then on;
+    every other exception propagates. Never while a CUDA stream is capturing a graph: the
+    failure is raised there, since falling back would record the slow path into the graph
+    with only a warning to show for it. Every fallback is kept in `failed` (and listed by
+    kernel_failures()), so a benchmark can refuse to report a row that took it.
+    """
+
+    instances: list["FusedKernels"] = []
+
+    def __init__(self, op: str, dtypes: tuple[torch.dtype, ...], max_width: int):
+        self.op, self.dtypes, self.max_width = op, dtypes, max_width
         self.failed: dict[tuple, str] = {}
+        FusedKernels.instances.append(self)
 
-    def usable(self, kind: tuple) -> bool:
-        return kind not in self.failed
+    @staticmethod
+    def kind(*tensors) -> tuple:
+        """What a failure is remembered for: device, dtypes and feature width."""
+        named = [t for t in tensors if t is not None]
+        return (str(named[0].device), *(str(t.dtype) for t in named), named[0].shape[1])
 
-    def handle(self, backend: str | None, kind: tuple, err: BaseException) -> None:
-        """Returns (the caller then runs the PyTorch path) or raises err."""
-        if backend is not None or not is_kernel_failure(err):
+    def takes(self, *tensors) -> bool:
+        named = [t for t in tensors if t is not None]
+        return all(t.dtype in self.dtypes for t in named) and named[0].shape[1] <= self.max_width
+
+    def chooses(self, backend: str | None, *tensors) -> bool:
+        if select_backend(backend, ("torch", "triton"), tensors[0].device) != "triton":
+            return False
+        if backend is not None:
+            return True
+        return self.takes(*tensors) and self.kind(*tensors) not in self.failed
+
+    def run(self, backend: str | None, tensors: tuple, fused, torch_path):
+        """fused() when chosen, else (or after a kernel failure, by the rule) torch_path()."""
+        if self.chooses(backend, *tensors):
+            try:
+                return fused()
+            except Exception as err:  # noqa: BLE001 - _fall_back re-raises all but kernel failures
+                self._fall_back(backend, self.kind(*tensors), err)
+        return torch_path()
+
+    def _fall_back(self, backend: str | None, kind: tuple, err: BaseException) -> None:
+        if backend is not None or not is_kernel_failure(err) or _capturing():
             raise err
         cause = f"{type(err).__name__}: {err}"
         self.failed[kind] = cause
@@ -106,8 +145,13 @@ class KernelFallback:
             "the PyTorch path serves these inputs from now on. Call with backend='triton' "
             "to see the full error.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def kernel_failures() -> dict[str, dict[tuple, str]]:
+    """{op: {kind of input: cause}} of every kernel failure this process fell back from."""
+    return {k.op: dict(k.failed) for k in FusedKernels.instances if k.failed}
 
 
 # ------------------------------------------------------------------------ checks, dtypes
@@ -155,8 +199,19 @@ def check_pair_inputs(
         raise ValueError(
             f"temperature must be a positive finite Python float (e.g. 0.2), got {temperature!r}"
         )
+    top = _largest(accumulation_dtype(q, k, queue))
+    if 1.0 / temperature > top:  # the logits q.k / T overflow what they accumulate in
+        raise ValueError(
+            f"temperature {temperature!r} is too small: 1/T = {1.0 / temperature:.3g} overflows "
+            f"the logits' dtype (largest {top:.3g}); use a T of a sensible size, e.g. 0.07-1"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+@functools.cache
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
 
 
 def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

@@ -18,7 +18,9 @@ reshaped in place between updates in any training loop we know of.
 
 A module's plan lives as long as the target module (a WeakKeyDictionary entry); it holds
 the modules' tensors but not the target module. A plan for tensor lists holds weak
-references only, so it keeps no tensor alive; at most _LIST_PLANS_KEPT of them are kept.
+references only, so it keeps no tensor alive; at most _LIST_PLANS_KEPT of them are kept,
+so an evicted plan's device table dies with it unless momentum_update.hold_device_tables()
+holds it (what a captured CUDA graph needs: it reads the table by address).
 """
 
 import operator
@@ -42,35 +44,39 @@ class Work:
     def __init__(self, kernels, foreach, copies, devices):
         self.kernels, self.foreach, self.copies, self.devices = kernels, foreach, copies, devices
 
-    def run(self, tensors, momentum) -> None:
+    def run(self, tensors, momentum, weight=None) -> None:
+        """The update with w = 1 - momentum, or w = weight when given (float or 0-d tensor)."""
         if self.kernels:
             from fastmoco.kernels.ema import ema_
 
             for table in self.kernels:
-                ema_(table, momentum)
+                ema_(table, momentum, weight=weight)
         if self.foreach or self.copies:
             with torch.no_grad():  # in-place on parameters (leaves that need a gradient)
                 for t_index, s_index in self.foreach:
                     targets = [tensors[i] for i in t_index]
                     sources = [tensors[i] for i in s_index]
-                    lerp_foreach(targets, sources, momentum)
+                    lerp_foreach(targets, sources, momentum, weight)
                 for ti, si in self.copies:
                     tensors[ti].copy_(tensors[si])
 
 
-def lerp_foreach(targets, sources, momentum) -> None:
-    """torch._foreach_lerp_ over one (device, dtype) group.
+def lerp_foreach(targets, sources, momentum, weight=None) -> None:
+    """torch._foreach_lerp_ over one (device, dtype) group, weight w = 1 - momentum (or the
+    given weight).
 
     A tensor weight goes through the List overload (one 0-d weight per tensor, broadcast),
     present since torch 2.0: the Scalar overload would call .item() on it, a host sync.
     """
     if not targets:
         return
-    if isinstance(momentum, torch.Tensor):
-        w = (1.0 - momentum).to(targets[0].dtype)  # on the device; lerp wants the tensors' dtype
+    if weight is None:
+        weight = 1.0 - momentum if isinstance(momentum, torch.Tensor) else 1.0 - float(momentum)
+    if isinstance(weight, torch.Tensor):
+        w = weight.to(targets[0].dtype)  # on the device; lerp wants the tensors' dtype
         torch._foreach_lerp_(targets, sources, [w] * len(targets))
     else:
-        torch._foreach_lerp_(targets, sources, 1.0 - float(momentum))
+        torch._foreach_lerp_(targets, sources, float(weight))
 
 
 class ListPlan:
@@ -127,6 +133,11 @@ def cached_plan(target, source):
     if isinstance(target, (list, tuple)) and target and isinstance(source, (list, tuple)):
         return _list_plans.get((id(target[0]), len(target)))
     return None
+
+
+def plans() -> list:
+    """Every cached plan, of tensor lists and of modules."""
+    return [*_list_plans.values(), *list(_module_plans.values())]
 
 
 def remember(target, plan) -> None:

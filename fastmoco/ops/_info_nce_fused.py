@@ -75,13 +75,23 @@ def _fused_dq(grad_rows, dq_unit, dtype):
 
 class _FusedInfoNCE(torch.autograd.Function):
     """The eager wrapper, reduction included (one autograd node per call, not two):
-    outputs (loss: () or (N,) fp32, rank (N,) int64)."""
+    outputs (loss: () or (N,) fp32, rank (N,) int64).
+
+    Host work per call (bench/test_host_overhead.py): forward is the launcher (one plan
+    look-up, five allocations, two launches) and the reduction; backward of the single
+    pass is one multiplication (and a cast for 16-bit q). Gradients are not materialised:
+    rank's, always None, would otherwise cost a zero-filled (N,) tensor per backward."""
 
     @staticmethod
     def forward(ctx, q, pos, stream, args, fuse_dq, reduction):
+        temperature, normalize, normalize_stream, excl_self, shift = args
         # the mean's 1/N goes into dq_unit: backward is then one multiplication
         dq_scale = 1.0 / q.shape[0] if reduction == "mean" else 1.0
-        rows, lse, rank, dq_unit = _forward(q, pos, stream, *args, fuse_dq, dq_scale)
+        rows, lse, rank, dq_unit = kernels.forward(
+            q, pos, stream, 1.0 / temperature, norm_qp=normalize, norm_s=normalize_stream,
+            excl_self=excl_self, shift=shift, fuse_dq=fuse_dq, dq_scale=dq_scale,
+        )  # fmt: skip
+        ctx.set_materialize_grads(False)
         ctx.fused, ctx.args, ctx.q_dtype, ctx.reduction = fuse_dq, args, q.dtype, reduction
         if fuse_dq:  # backward needs nothing else: the stream need not be kept
             ctx.save_for_backward(dq_unit)
@@ -92,16 +102,20 @@ class _FusedInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_rank):
-        need_q, need_pos, need_stream = ctx.needs_input_grad[:3]
+        if grad_loss is None:  # only rank was used (not materialised: see the class doc)
+            return None, None, None, None, None, None
         if ctx.fused:
-            if need_pos or need_stream:
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
                 raise RuntimeError(_NOT_FUSED)
             (dq_unit,) = ctx.saved_tensors
             if ctx.reduction == "none":
                 dq = _fused_dq(grad_loss, dq_unit, ctx.q_dtype)
-            else:  # a scalar times dq_unit (1/N already in for the mean)
-                dq = (dq_unit * grad_loss.to(torch.float32)).to(ctx.q_dtype)
+            else:  # a scalar (fp32, the loss's dtype) times dq_unit (1/N already in)
+                dq = dq_unit * grad_loss
+                if ctx.q_dtype != torch.float32:
+                    dq = dq.to(ctx.q_dtype)
             return dq, None, None, None, None, None
+        need_q, need_pos, need_stream = ctx.needs_input_grad[:3]
         q, pos, stream, lse, rows = ctx.saved_tensors
         grad_rows = grad_loss
         if ctx.reduction != "none":  # d loss / d L_i: 1/N for the mean, 1 for the sum

@@ -17,6 +17,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+# torch 2.14 deprecates all_gather_into_tensor (a FutureWarning on every rank) for
+# all_gather_single, which torch 2.11 does not have yet: the same collective, either name.
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from every rank along dim 0, rank order, into one buffer.
@@ -29,7 +34,7 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x)
+    _gather_into(out, x)
     return out
 
 

@@ -12,7 +12,15 @@ The queue may be any (K, C) view, e.g. `buf.T` of the official (C, K) buffer.
 Backends: "cuda" is the C++/CUDA extension op torch.ops.fastmoco.enqueue_ (csrc/: a CPU
 kernel always, a CUDA kernel when built with CUDA), the default for CUDA tensors; "torch" is
 index_copy_ with device-computed rows, the default for CPU tensors and the fallback, with a
-one-time warning, when the extension was not built. Both run without a host sync.
+one-time warning, when the extension was not built. Neither reads a CUDA pointer on the host.
+
+The pointer must lie in [0, K): enqueue_ keeps it there, so a pointer outside was set or
+restored by hand (a checkpoint of a queue of another size), and wrapping it modulo K would
+hide that. On CPU tensors (host memory, reading it is no sync) both backends raise
+ValueError before any write. On CUDA tensors the check runs on the device, the pointer is
+never read back: the extension's kernel prints the value and stops with a device-side
+assert, the torch path's torch._assert_async likewise; the next synchronising call then
+raises "device-side assert triggered" and the CUDA context is lost (restart the process).
 """
 
 import functools
@@ -75,7 +83,10 @@ def enqueue_(
 ) -> torch.Tensor:
     """Write keys (B, C) into queue (K, C) at rows ptr, ptr+1, ... modulo K; advance ptr.
 
-    ptr: 1-element int64 tensor on the queue's device, updated in place to (ptr + B) % K.
+    ptr: 1-element int64 tensor on the queue's device, in [0, K), updated in place to
+    (ptr + B) % K. A pointer outside [0, K) raises ValueError on CPU tensors, before any
+    write; on CUDA tensors it stops the kernel with a device-side assert (a CUDA error at
+    the next sync, the context lost), since reading it on the host would be a sync.
     backend: None picks per device (CUDA: "cuda", CPU: "torch"); "cuda" forces the extension
     op (its CPU kernel for CPU tensors), "torch" the index_copy_ path. Returns queue.
     Keys beyond the range of a narrower queue dtype (fp32 keys into an fp16 queue) are
@@ -88,10 +99,46 @@ def enqueue_(
         return queue
     K, B = queue.shape[0], keys.shape[0]
     with torch.no_grad():
+        _check_pointer(ptr, K)
         rows = (ptr.reshape(()) + torch.arange(B, device=queue.device)) % K  # B rows, on device
         queue.index_copy_(0, rows, _as_queue_dtype(keys, queue))
         ptr.add_(B).remainder_(K)
     return queue
+
+
+# What to do about a pointer outside [0, K); csrc/enqueue.h's FASTMOCO_POINTER_FIX says the same.
+_POINTER_FIX = (
+    "the pointer is the queue row the next key goes to and enqueue_ keeps it in range, so it "
+    "was set or restored elsewhere (e.g. with a queue of another size K); reset it with "
+    "ptr.zero_() or set it below K"
+)
+
+
+def _check_pointer(ptr: torch.Tensor, K: int) -> None:
+    """0 <= ptr < K for the torch path: read and checked here for CPU tensors (ValueError),
+    else asserted on the device (never read back: no sync, capturable in a CUDA graph)."""
+    if _host_readable(ptr):
+        # Host memory, read like the extension's CPU kernel reads it: straight from memory,
+        # not through aten::_local_scalar_dense (the device read that sync detectors watch
+        # for; the tests run the step on CPU as a stand-in for CUDA, where nothing is read).
+        value = int(ptr.numpy().reshape(-1)[0])
+        if not 0 <= value < K:
+            raise ValueError(f"ptr = {value} is outside [0, K) = [0, {K}): {_POINTER_FIX}")
+        return
+    _assert_pointer_on_device(ptr, K)
+
+
+def _host_readable(ptr: torch.Tensor) -> bool:
+    """ptr is read directly: a CPU tensor in eager mode (torch.compile cannot trace a read)."""
+    return ptr.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _assert_pointer_on_device(ptr: torch.Tensor, K: int) -> None:
+    """torch._assert_async(0 <= ptr < K): on CUDA a kernel that fails on the device, the
+    pointer never read back; on CPU (and under torch.compile) a RuntimeError at once.
+    floor(ptr / K) == 0 is the range test in one op."""
+    in_range = ptr.reshape(()).div(K, rounding_mode="floor") == 0
+    torch._assert_async(in_range, f"enqueue_: ptr is outside [0, K) = [0, {K}): {_POINTER_FIX}")
 
 
 def _as_queue_dtype(keys: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmoco.ops._common import accumulation_dtype, autocast_off, check_pair_inputs, reduce_rows
-from fastmoco.ops.info_nce import FALLBACK, kernel_kind, triton_loss, use_triton
+from fastmoco.ops.info_nce import KERNELS, triton_loss
 
 
 def nt_xent(
@@ -38,17 +38,16 @@ def nt_xent(
     """
     check_pair_inputs(z1, z2, None, temperature, reduction, names=("z1", "z2", ""), op="nt_xent")
     z = torch.cat([z1, z2], dim=0)  # 2NxC
-    if use_triton(backend, z):
-        try:
-            loss, rank = triton_loss(
-                z, z, None, float(temperature), normalize=normalize, reduction=reduction,
-                nt_xent=True,
-            )  # fmt: skip
-            return (loss, rank) if return_stats else loss
-        except Exception as err:  # noqa: BLE001 - FALLBACK re-raises all but kernel failures
-            FALLBACK.handle(backend, kernel_kind(z), err)
-    rows, rank = _nt_xent_torch(z, float(temperature), normalize=normalize, want_rank=return_stats)
-    loss = reduce_rows(rows, reduction)
+    T = float(temperature)
+
+    def fused():
+        return triton_loss(z, z, None, T, normalize=normalize, reduction=reduction, nt_xent=True)
+
+    def torch_path():
+        rows, rank = _nt_xent_torch(z, T, normalize=normalize, want_rank=return_stats)
+        return reduce_rows(rows, reduction), rank
+
+    loss, rank = KERNELS.run(backend, (z,), fused, torch_path)
     return (loss, rank) if return_stats else loss
 
 

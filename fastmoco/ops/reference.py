@@ -24,27 +24,19 @@ def info_nce_reference(
     temperature: float = 0.2,
     normalize: bool = True,
     reduction: str = "mean",
+    all_keys: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """InfoNCE of queries q against their keys k and the negatives in `queue`.
 
     queue given (MoCo v1/v2):  logits = [q.k+, q.queue_j] / T, label 0.
     queue None (MoCo v3, SimCLR-style in-batch negatives): logits = q @ k.T / T, label i.
+    all_keys (moco-v3's contrastive_loss across ranks): logits = q @ all_keys.T / T,
+    label i + offset (offset = N * rank).
     """
-    dtype = accumulation_dtype(q, k, queue)
-    q, k = q.to(dtype), k.to(dtype)
-    if normalize:
-        q = F.normalize(q, dim=1)  # NxC
-        k = F.normalize(k, dim=1)  # NxC
-    N = q.shape[0]
-
-    if queue is None:
-        logits = torch.einsum("nc,mc->nm", q, k) / temperature  # logits: NxN
-        labels = torch.arange(N, device=q.device)
-    else:
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: Nx1
-        l_neg = torch.einsum("nc,kc->nk", q, queue.to(dtype))  # negative logits: NxK
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # logits: Nx(1+K)
-        labels = torch.zeros(N, dtype=torch.long, device=q.device)  # positives are the 0-th
+    logits, labels = info_nce_logits_reference(
+        q, k, queue, temperature, normalize, all_keys, offset
+    )
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
@@ -54,19 +46,26 @@ def info_nce_logits_reference(
     queue: torch.Tensor | None = None,
     temperature: float = 0.2,
     normalize: bool = True,
+    all_keys: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) exactly as info_nce_reference builds them, for top-k accuracy checks."""
-    dtype = accumulation_dtype(q, k, queue)
+    """(logits, labels) exactly as info_nce_reference's cross-entropy takes them."""
+    dtype = accumulation_dtype(q, k, queue, all_keys)
     q, k = q.to(dtype), k.to(dtype)
     if normalize:
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        q = F.normalize(q, dim=1)  # NxC
+        k = F.normalize(k, dim=1)  # NxC
     N = q.shape[0]
     if queue is None:
-        return q @ k.T / temperature, torch.arange(N, device=q.device)
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-    l_neg = torch.einsum("nc,kc->nk", q, queue.to(dtype))
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-    return logits, torch.zeros(N, dtype=torch.long, device=q.device)
+        keys = k if all_keys is None else all_keys.to(dtype)  # (N or M)xC
+        if normalize:
+            keys = F.normalize(keys, dim=1)
+        logits = torch.einsum("nc,mc->nm", q, keys) / temperature  # logits: NxM
+        return logits, torch.arange(N, device=q.device) + offset
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: Nx1
+    l_neg = torch.einsum("nc,kc->nk", q, queue.to(dtype))  # negative logits: NxK
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # logits: Nx(1+K)
+    return logits, torch.zeros(N, dtype=torch.long, device=q.device)  # positives are the 0-th
 
 
 def nt_xent_reference(
