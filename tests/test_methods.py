@@ -12,11 +12,12 @@ from conftest import tiny_train_config
 
 from fastmoco.config import PRESETS, TrainConfig
 from fastmoco.engine import Interrupted, train
-from fastmoco.engine.trainer import check_config, momentum_at
+from fastmoco.engine.optim import ema_weight_at, momentum_at
+from fastmoco.engine.plan import check_config
 from fastmoco.errors import UsageError
 from fastmoco.models import DrLIM, MemoryBank, MoCoV3, SimCLR, build_model
-from fastmoco.models.mocov3 import gathered_ctr, in_batch_ctr
 from fastmoco.ops import contrastive_margin_loss, info_nce
+from fastmoco.ops.reference import info_nce_reference
 
 TINY = dict(small_images=True, dim=16, mlp_hidden=32)
 V3_TINY = dict(small_images=True, dim=16, mlp_dim=32)
@@ -57,8 +58,10 @@ def test_v3_loss_is_the_paper_formula(T):
 
 
 def test_v3_ctr_across_ranks_is_the_gathered_formula():
-    """Rank r's rows against the keys of all ranks, labels arange(N) + N r (official code);
-    and why the queue argument of info_nce cannot express it (local negatives missing)."""
+    """Rank r's rows against the keys of all ranks, labels arange(N) + N r (moco-v3's
+    contrastive_loss) is info_nce's gathered form (all_keys, offset = N r): loss, ranks and
+    the query's gradient; and why the queue argument cannot express it (the rank's own
+    other keys would be missing)."""
     g = torch.Generator().manual_seed(1)
     W, N, C, T = 3, 5, 8, 0.2
     q = torch.randn(W * N, C, generator=g, dtype=torch.float64)
@@ -66,21 +69,31 @@ def test_v3_ctr_across_ranks_is_the_gathered_formula():
     logits = F.normalize(q, dim=1) @ k.T / T  # every rank's rows, all keys
     for r in range(W):
         rows = slice(r * N, (r + 1) * N)
-        got, rank = in_batch_ctr(q[rows], k, r * N, T)
         want = F.cross_entropy(logits[rows], torch.arange(N) + r * N)
-        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        q_r = q[rows].clone().requires_grad_()
+        got, rank = info_nce(q_r, k[rows], None, T, all_keys=k, offset=r * N, return_stats=True,
+                             chunk_size=4)  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        (grad,) = torch.autograd.grad(got, q_r)
+        q_w = q[rows].clone().requires_grad_()
+        (grad_want,) = torch.autograd.grad(
+            info_nce_reference(q_w, k[rows], None, T, all_keys=k, offset=r * N), q_w
+        )
+        assert (grad - grad_want).norm() / grad_want.norm() < 1e-12
         pos = logits[rows].gather(1, (torch.arange(N) + r * N)[:, None])
         assert torch.equal(rank, (logits[rows] > pos).sum(1))
         others = torch.cat([k[: r * N], k[(r + 1) * N :]])
         shortcut = info_nce(q[rows], k[rows], others, T)
         assert not torch.allclose(shortcut, want)  # lacks the rank's own other keys
-    # one rank: the same as the fused in-batch info_nce
-    got, _ = in_batch_ctr(q[:N], k[:N], 0, T)
-    torch.testing.assert_close(got.double(), info_nce(q[:N], k[:N], None, T), rtol=1e-6, atol=1e-6)
+    # one rank: the plain in-batch form
+    got = info_nce(q[:N], k[:N], None, T, all_keys=k[:N], offset=0)
+    torch.testing.assert_close(got, info_nce(q[:N], k[:N], None, T), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="offset 11.*in \\[0, 10\\]"):
+        info_nce(q[:N], k[:N], None, T, all_keys=k, offset=11)
 
 
 def test_v3_ctr_across_ranks_on_the_fused_kernel():
-    """The fused kernel with stream column i + N r excluded (gathered_ctr) gives the
+    """The fused kernels (stream column offset + i excluded, the positive from k) give the
     gathered formula's loss, ranks and query gradient, without the N x (N W) logits."""
     g = torch.Generator().manual_seed(2)
     W, N, C, T = 3, 4, 16, 0.2
@@ -89,10 +102,14 @@ def test_v3_ctr_across_ranks_on_the_fused_kernel():
     for r in range(W):
         rows = slice(r * N, (r + 1) * N)
         q64 = q[rows].double().requires_grad_()
-        want, want_rank = in_batch_ctr(q64, k.double(), r * N, T)
+        want = info_nce_reference(q64, k[rows].double(), None, T, all_keys=k.double(),
+                                  offset=r * N)  # fmt: skip
         want.backward()
+        _, want_rank = info_nce(q64.detach(), k[rows].double(), None, T, all_keys=k.double(),
+                                offset=r * N, return_stats=True)  # fmt: skip
         q32 = q[rows].clone().requires_grad_()
-        got, rank = gathered_ctr(q32, k[rows], k, r * N, T, backend="triton")
+        got, rank = info_nce(q32, k[rows], None, T, all_keys=k, offset=r * N,
+                             return_stats=True, backend="triton")  # fmt: skip
         got.backward()
         assert abs(got.item() - want.item()) / want.item() < 1e-5
         assert torch.equal(rank, want_rank)
@@ -123,6 +140,7 @@ def test_v3_momentum_schedule_and_update():
     ms = [momentum_at(cfg, s, spe) for s in range(40)]
     assert ms == sorted(ms)
     assert momentum_at(cfg.replace(moco_m_cos=False), 17, spe) == 0.99
+    assert ema_weight_at(cfg, 19, spe) == pytest.approx(0.5 * 0.01)  # 1 - m, computed directly
 
     torch.manual_seed(0)
     model = MoCoV3("resnet-tiny", T=0.2, **V3_TINY)
@@ -130,8 +148,8 @@ def test_v3_momentum_schedule_and_update():
         for p in model.encoder_q.parameters():
             p.add_(1.0)
     before_k = [p.clone() for p in model.encoder_k.parameters()]
-    m = torch.tensor(0.75)  # a device scalar, as the trainer passes it
-    model.after_step(None, None, m)
+    w = torch.tensor(0.25)  # the EMA weight 1 - m, a device scalar, as the trainer passes it
+    model.after_step(None, None, w)
     for pk, old, pq in zip(
         model.encoder_k.parameters(), before_k, model.encoder_q.base_parameters(), strict=True
     ):
@@ -351,7 +369,8 @@ def test_methods_on_two_ranks(tiny_data, tmp_path, method):
     """DDP on 2 gloo ranks: v3 gathers keys across ranks (two forwards of the DDP module per
     step); the memory bank applies the whole global batch's update on every rank."""
     from fastmoco.engine.distributed import launch
-    from fastmoco.engine.trainer import RunPlan, _train_rank
+    from fastmoco.engine.plan import RunPlan
+    from fastmoco.engine.trainer import _train_rank
 
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_data, out, method, knn_every=0)
@@ -364,3 +383,20 @@ def test_methods_on_two_ranks(tiny_data, tmp_path, method):
         init = build_model(TrainConfig.from_dict(ck["config"]), num_samples=36).bank
         changed = (ck["model"]["bank"] != init).any(dim=1).sum().item()
         assert changed == 32  # 4 steps x 8 images of both ranks, each written once
+
+
+def test_membank_trains_on_dali_with_the_samplers_indices(tiny_data, tmp_path):
+    """Both loaders deal batches from one ShardedBatchSampler, so the bank rows a DALI
+    (CPU mode) epoch updates are exactly that epoch's indices, as with the torch loader."""
+    pytest.importorskip("nvidia.dali")
+    from fastmoco.data.sampler import ShardedBatchSampler
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", "membank", loader="dali", queue_size=16)
+    train(cfg)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    bank = state["model"]["bank"]
+    fresh = build_model(cfg, num_samples=bank.shape[0]).bank
+    moved = set(torch.nonzero((bank - fresh).norm(dim=1) > 0).flatten().tolist())
+    sampler = ShardedBatchSampler(bank.shape[0], cfg.batch_size, cfg.seed, 0, 1)
+    sampler.set_epoch(0)
+    assert moved == set(sampler.epoch_indices())

@@ -73,7 +73,7 @@ def test_image_list_trains(tmp_path, capsys):
 def test_image_list_errors(tmp_path):
     lst = tmp_path / "l.txt"
     lst.write_text("nope/a.jpg\n")
-    with pytest.raises(DataError, match="does not exist.*list's folder"):
+    with pytest.raises(DataError, match="none of its 1 paths exists.*list.s folder"):
         open_source(lst)
     lst.write_text("# nothing\n")
     with pytest.raises(DataError, match="empty"):

@@ -1,14 +1,7 @@
-"""The MoCo augmentation recipes as torchvision transforms, with the papers' parameters.
+"""The MoCo augmentation recipes as torchvision transforms, built from data/recipes.py.
 
-MoCo v1 (He et al. 2019, "Momentum Contrast for Unsupervised Visual Representation
-Learning", sec. 3.3 and the official main_moco.py) and MoCo v2's "aug+" (Chen et al. 2020,
-"Improved Baselines with Momentum Contrastive Learning", sec. 2, which borrows SimCLR's
-blur): each training image gives two views, each drawn independently from the same
-distribution; the positive pair of the contrastive loss is (view1, view2).
-MoCo v3 (Chen, Xie, He 2021; the official moco-v3 main_moco.py) takes BYOL's asymmetric
-pair: both views jitter 0.4/0.4/0.2/0.1 (p=0.8) and grayscale (p=0.2); view 1 is always
-blurred, view 2 blurred with p=0.1 and solarized with p=0.2. Its crop scale, 0.08-1, is
-the preset's crop_scale.
+Each training image gives two views, each drawn from its ViewRecipe (the same one twice but
+for v3's asymmetric pair); the positive pair of the contrastive loss is (view1, view2).
 
 The transforms draw their randomness from torch's global CPU generator only, so the
 dataset can make every view a pure function of (seed, epoch, index) by seeding that
@@ -21,39 +14,21 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from fastmoco.data.recipes import RECIPES, SOLARIZE_THRESHOLD, ViewRecipe, views
 from fastmoco.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# RandomResizedCrop area range, both papers: "scale=(0.2, 1.)" (torchvision's default 0.08 is
-# the supervised ImageNet one).
+# RandomResizedCrop area range of v1/v2: "scale=(0.2, 1.)" (torchvision's default 0.08 is
+# the supervised ImageNet one); a run's crop_scale sets it.
 CROP_SCALE = (0.2, 1.0)
-GRAYSCALE_P = 0.2  # v1 and v2
-# v1: ColorJitter(0.4, 0.4, 0.4, 0.4) applied to every view.
-V1_JITTER = (0.4, 0.4, 0.4, 0.4)
-# v2 aug+: brightness, contrast, saturation 0.4, hue 0.1, applied with p=0.8 (SimCLR's "strong"
-# jitter is 0.8/0.8/0.8/0.2; MoCo v2 keeps the milder v1 strengths).
-V2_JITTER = (0.4, 0.4, 0.4, 0.1)
-V2_JITTER_P = 0.8
-# v2 aug+: Gaussian blur, sigma ~ U[0.1, 2.0], p=0.5 (SimCLR appendix A).
-V2_BLUR_SIGMA = (0.1, 2.0)
-V2_BLUR_P = 0.5
-# SimCLR's kernel is 10% of the image side, made odd: 23 px at 224.
+# SimCLR's blur kernel is 10% of the image side, made odd: 23 px at 224.
 BLUR_KERNEL_FRACTION = 0.1
-
 # Eval: Resize(256) + CenterCrop(224), i.e. the crop covers 87.5% of the resized side.
 EVAL_CROP_FRACTION = 0.875
 
-# v3 (BYOL's recipe in moco-v3): jitter strengths, blur and solarize p per view.
-V3_JITTER = (0.4, 0.4, 0.2, 0.1)
-V3_BLUR_P = (1.0, 0.1)
-V3_SOLARIZE_P = (0.0, 0.2)
-SOLARIZE_THRESHOLD = 128  # PIL's ImageOps.solarize default, as moco-v3's Solarize uses
-
-# cifar: v2 without the blur, the official MoCo CIFAR-10 demo's augmentation (a 3-px blur
-# would erase much of a 32-px image).
-RECIPES = ("v1", "v2", "v3", "cifar")
+__all__ = ["RECIPES", "TwoViews", "blur_kernel_size", "eval_transform", "two_view_transform"]
 
 
 def blur_kernel_size(crop_size: int) -> int:
@@ -67,6 +42,25 @@ def blur_kernel_size(crop_size: int) -> int:
     return max(k, 3)
 
 
+def view_steps(view: ViewRecipe, crop_size: int, blur_kernel: int | None = None) -> list:
+    """The colour and blur steps of one view, in the recipe's order (recipes.ViewRecipe)."""
+    jitter = T.ColorJitter(*view.jitter)
+    gray = T.RandomGrayscale(p=view.grayscale_p)
+    steps = [gray] if view.grayscale_first else []
+    steps.append(jitter if view.jitter_p >= 1 else T.RandomApply([jitter], p=view.jitter_p))
+    if not view.grayscale_first:
+        steps.append(gray)
+    if view.blur_p > 0:
+        kernel = blur_kernel or blur_kernel_size(crop_size)
+        if kernel < 1 or kernel % 2 == 0:
+            raise UsageError(f"blur kernel {kernel}: must be an odd positive number of pixels")
+        # RandomApply even at p=1, as moco-v3 composes its view 1 (it draws one number)
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=view.blur_sigma)], p=view.blur_p))
+    if view.solarize_p > 0:
+        steps.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=view.solarize_p))
+    return steps
+
+
 def view_transform(
     recipe: str,
     crop_size: int = 224,
@@ -76,35 +70,18 @@ def view_transform(
     blur_kernel: int | None = None,
     view: int = 0,
 ) -> T.Compose:
-    """One augmented view: PIL RGB image -> normalised float tensor (3, crop_size, crop_size).
-
-    view (0 or 1) only matters for v3, whose two views follow different recipes."""
-    crop = T.RandomResizedCrop(crop_size, scale=crop_scale)
-    tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
-    if recipe not in RECIPES:
-        raise UsageError(f"augmentation recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    if recipe == "v1":
-        # Order as in the official v1 code: grayscale before jitter.
-        return T.Compose([crop, T.RandomGrayscale(p=GRAYSCALE_P), T.ColorJitter(*V1_JITTER), *tail])
-    kernel = blur_kernel or blur_kernel_size(crop_size)
-    if kernel < 1 or kernel % 2 == 0:
-        raise UsageError(f"blur kernel {kernel}: must be an odd positive number of pixels")
-    blur = T.GaussianBlur(kernel, sigma=V2_BLUR_SIGMA)  # sigma U[0.1, 2] in v2 and v3
-    if recipe in ("v2", "cifar"):
-        middle = [
-            T.RandomApply([T.ColorJitter(*V2_JITTER)], p=V2_JITTER_P),
-            T.RandomGrayscale(p=GRAYSCALE_P),
+    """One augmented view (0 or 1) of a recipe: PIL RGB image -> normalised float tensor
+    (3, crop_size, crop_size)."""
+    steps = view_steps(views(recipe)[view], crop_size, blur_kernel)
+    return T.Compose(
+        [
+            T.RandomResizedCrop(crop_size, scale=crop_scale),
+            *steps,
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
         ]
-        if recipe == "v2":
-            middle.append(T.RandomApply([blur], p=V2_BLUR_P))
-    else:
-        middle = [
-            T.RandomApply([T.ColorJitter(*V3_JITTER)], p=V2_JITTER_P),
-            T.RandomGrayscale(p=GRAYSCALE_P),
-            T.RandomApply([blur], p=V3_BLUR_P[view]),
-            T.RandomSolarize(SOLARIZE_THRESHOLD, p=V3_SOLARIZE_P[view]),
-        ]
-    return T.Compose([crop, *middle, *tail])
+    )
 
 
 class TwoViews:
@@ -136,15 +113,14 @@ def two_view_transform(
     crop_scale: tuple[float, float] = CROP_SCALE,
     blur_kernel: int | None = None,
 ) -> TwoViews:
-    """The training transform of MoCo v1 ("v1"), v2 ("v2", aug+) or v3 ("v3", BYOL's
-    asymmetric pair): img -> (view1, view2).
+    """The training transform of a recipe (data/recipes.py): img -> (view1, view2).
 
-    blur_kernel (v2, v3) defaults to blur_kernel_size(crop_size).
+    blur_kernel (the recipes with a blur) defaults to blur_kernel_size(crop_size).
     """
-    first = view_transform(recipe, crop_size, mean, std, crop_scale, blur_kernel, view=0)
-    if recipe != "v3":
-        return TwoViews(first)
-    return TwoViews(first, view_transform(recipe, crop_size, mean, std, crop_scale, blur_kernel, 1))
+    one, two = views(recipe)
+    args = (recipe, crop_size, mean, std, crop_scale, blur_kernel)
+    first = view_transform(*args, view=0)
+    return TwoViews(first, None if two == one else view_transform(*args, view=1))
 
 
 def eval_transform(

@@ -1,25 +1,26 @@
 """MoCo's two-view augmentation as an NVIDIA DALI pipeline: JPEG decode and augmentation on
 the GPU (nvJPEG), batches handed to the trainer as device tensors.
 
-One image, two views, each drawn independently from the recipe of augment.py:
+One image, two views, each drawn independently from its view's row of data/recipes.py (the
+table the torchvision builder, augment.py, reads too):
 
     paths --io.file.read--> bytes --decoders.image ("mixed": nvJPEG; "cpu" in CPU mode)
         |                                   |
         peek_image_shape (H, W)             |  decoded once, cropped twice
         |                                   v
         random_crop_generator  ---------> resize(ROI = crop window, S x S, bilinear+antialias)
-          area A ~ U(0.2, 1) of H*W,        -> [v1: grayscale] -> color jitter -> [v2: grayscale]
-          ratio r ~ logU(3/4, 4/3),         -> gaussian_blur (v2)
+          area A ~ U(crop_scale) of H*W,    -> [grayscale first] -> color jitter -> [grayscale]
+          ratio r ~ logU(3/4, 4/3),         -> gaussian_blur -> solarize
           10 tries, else centre crop        -> crop_mirror_normalize (flip, (x/255 - mean)/std,
                                                fp16/fp32, CHW or HWC)
 
 Each probability is a per-sample coin (fn.random.coin_flip) and each step it gates a
 per-sample `if` (DALI conditionals: only the samples whose coin came up run the operator):
-  jitter, p=0.8 (v2; v1 always): torchvision's ColorJitter: factors U(0.6, 1.4) for
-      brightness, contrast and saturation, a hue shift U(-h, h) turns (h = 0.1 v2, 0.4 v1),
-      applied in a random order per view (random_order), each step rounding to uint8;
-  grayscale, p=0.2: ITU-R 601 luma in all channels, before the jitter in v1, after in v2;
-  blur, p=0.5 (v2): sigma ~ U(0.1, 2.0);
+  jitter, p = jitter_p: torchvision's ColorJitter: factors U(1 - s, 1 + s) for brightness,
+      contrast and saturation, a hue shift U(-h, h) turns, applied in a random order per
+      view (random_order), each step rounding to uint8;
+  grayscale, p = grayscale_p: ITU-R 601 luma in all channels, before or after the jitter;
+  blur, p = blur_p: sigma ~ U(blur_sigma); solarize, p = solarize_p: v >= 128 -> 255 - v;
   flip, p=0.5: crop_mirror_normalize's mirror.
 DALI's own colour operators differ from torchvision's (color_twist: one fixed order; its
 contrast pivots on mid-grey, not the image's mean luma; fn.hsv rotates hue linearly about the
@@ -49,30 +50,24 @@ fails is named in a DataError, or with skip_bad_images it is remembered, replace
 readable successor as the torch loader does, counted in n_bad, and the pipeline rebuilt.
 """
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from fastmoco.data.augment import (
-    CROP_SCALE,
-    GRAYSCALE_P,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    V1_JITTER,
-    V2_BLUR_P,
-    V2_BLUR_SIGMA,
-    V2_JITTER,
-    V2_JITTER_P,
-    blur_kernel_size,
-)
+from fastmoco.data.augment import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size
 from fastmoco.data.folder import _READ_ERRORS, MAX_BAD_IN_A_ROW, load_rgb, scan_image_folder
+from fastmoco.data.recipes import SOLARIZE_THRESHOLD, ViewRecipe, views
 from fastmoco.data.sampler import ShardedBatchSampler
 from fastmoco.data.sources import is_in_memory
 from fastmoco.errors import DataError, UsageError
 
-RECIPES = ("v1", "v2")  # v3's asymmetric pair (solarize) runs on the DataLoader path only
+# The ViewRecipe fields this builder implements: every one (unsupported() says which not).
+IMPLEMENTED = frozenset(
+    ("jitter", "jitter_p", "grayscale_p", "grayscale_first", "blur_p", "blur_sigma", "solarize_p")
+)
 
 try:
     import nvidia.dali.fn as fn
@@ -93,11 +88,26 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The draws returned per view with debug=True (tests measure the recipe on them).
 # order: the slot of (brightness, contrast, saturation, hue); factors: theirs (hue in turns);
 # sigma: 0 where not blurred.
-DEBUG_DRAWS = ("image_hw", "crop_hw", "flip", "gray", "jitter", "blur", "sigma", "order", "factors")
+DEBUG_DRAWS = (
+    "image_hw", "crop_hw", "flip", "gray", "jitter", "blur", "sigma", "order", "factors",
+    "solarize",
+)  # fmt: skip
 
 
 def dali_available() -> bool:
     return DALI_IMPORT_ERROR is None
+
+
+def unsupported(recipe: str) -> list[str]:
+    """The fields of the recipe's views (data/recipes.py) that this builder does not
+    implement, with a value other than their default: [] when DALI runs the recipe."""
+    missing = []
+    for view in views(recipe):
+        for f in dataclasses.fields(ViewRecipe):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.name not in IMPLEMENTED and getattr(view, f.name) != default:
+                missing.append(f.name)
+    return sorted(set(missing))
 
 
 def require_dali() -> None:
@@ -170,6 +180,13 @@ def grayscale(view):
     return _hwc_uint8(fn.stack(luma, luma, luma, axis=2))
 
 
+def solarize(view):
+    """PIL's ImageOps.solarize (moco-v3's Solarize): every channel value v >= 128 becomes
+    255 - v."""
+    x = fn.cast(view, dtype=types.FLOAT)
+    return _hwc_uint8(x + (x >= SOLARIZE_THRESHOLD) * (255 - 2 * x))
+
+
 def color_jitter(view, order, factors):
     """torchvision's ColorJitter with per-sample order and factors: order[k] is the slot
     (0-3) of adjustment k of (brightness, contrast, saturation, hue), factors[k] its factor
@@ -207,7 +224,7 @@ def augment_view(
     images,
     image_hw,
     *,
-    recipe: str,
+    view: ViewRecipe,
     crop_size: int,
     crop_scale: tuple[float, float],
     mean: Sequence[float],
@@ -215,7 +232,8 @@ def augment_view(
     out_dtype,
     out_layout: str,
 ):
-    """One view of a batch of decoded HWC uint8 images: (view, {draw name: per-sample draw}).
+    """One view of a batch of decoded HWC uint8 images, by its recipe (data/recipes.py):
+    (view, {draw name: per-sample draw}).
 
     image_hw is the (H, W, C) of every image as peek_image_shape reads it. Each call draws its
     own random numbers, so calling it twice gives two independent views. The pipeline must be
@@ -225,7 +243,7 @@ def augment_view(
         image_hw, random_area=crop_scale, random_aspect_ratio=CROP_RATIO, num_attempts=CROP_ATTEMPTS
     )
     start = fn.cast(anchor, dtype=types.FLOAT)  # resize wants float ROIs, (y, x) order
-    view = fn.resize(
+    out = fn.resize(
         images,
         size=[crop_size, crop_size],
         roi_start=start,
@@ -233,31 +251,32 @@ def augment_view(
         interp_type=types.INTERP_LINEAR,
         antialias=True,
     )
-    if recipe == "v1":
-        (bright, contrast, sat, hue), jitter = V1_JITTER, _coin(1.0)
-    else:
-        (bright, contrast, sat, hue), jitter = V2_JITTER, _coin(V2_JITTER_P)
+    bright, contrast, sat, hue = view.jitter
+    jitter = _coin(view.jitter_p)
     hue_turns = fn.random.uniform(range=(-hue, hue))
     factors = (_factor(bright), _factor(contrast), _factor(sat), hue_turns)
     order = random_order()
-    gray = _coin(GRAYSCALE_P)
-    if recipe == "v1":  # v1: RandomGrayscale, then ColorJitter
+    gray = _coin(view.grayscale_p)
+    if view.grayscale_first:  # v1: RandomGrayscale, then ColorJitter
         if gray:
-            view = grayscale(view)
+            out = grayscale(out)
     if jitter:
-        view = color_jitter(view, order, factors)
-    if recipe == "v2":  # v2: RandomApply(ColorJitter), RandomGrayscale, then the blur
+        out = color_jitter(out, order, factors)
+    if not view.grayscale_first:  # v2, v3: RandomApply(ColorJitter), then RandomGrayscale
         if gray:
-            view = grayscale(view)
-        blur = _coin(V2_BLUR_P)
-        sigma = fn.random.uniform(range=V2_BLUR_SIGMA)
+            out = grayscale(out)
+    blur = _coin(view.blur_p)
+    sigma = fn.random.uniform(range=view.blur_sigma)
+    if view.blur_p > 0:
         if blur:
-            view = fn.gaussian_blur(view, window_size=blur_kernel_size(crop_size), sigma=sigma)
-    else:
-        blur, sigma = _coin(0.0), fn.random.uniform(range=V2_BLUR_SIGMA)
+            out = fn.gaussian_blur(out, window_size=blur_kernel_size(crop_size), sigma=sigma)
+    solar = _coin(view.solarize_p)
+    if view.solarize_p > 0:
+        if solar:
+            out = solarize(out)
     flip = fn.random.coin_flip(probability=0.5)
-    view = fn.crop_mirror_normalize(
-        view,
+    out = fn.crop_mirror_normalize(
+        out,
         mirror=flip,
         mean=[255 * m for m in mean],
         std=[255 * s for s in std],
@@ -266,8 +285,8 @@ def augment_view(
     )
     draws = dict(image_hw=image_hw, crop_hw=crop_hw, flip=flip, gray=gray, jitter=jitter)
     draws.update(blur=blur, sigma=sigma * blur, order=fn.stack(*order))
-    draws.update(factors=fn.stack(*factors))
-    return view, draws
+    draws.update(factors=fn.stack(*factors), solarize=solar)
+    return out, draws
 
 
 def _dali_reason(error: Exception) -> str:
@@ -331,8 +350,12 @@ class DaliTwoViewLoader:
         debug: bool = False,
     ):
         require_dali()
-        if recipe not in RECIPES:
-            raise UsageError(f"augmentation recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        missing = unsupported(recipe)
+        if missing:
+            raise UsageError(
+                f"--loader dali does not implement {', '.join(missing)} of recipe {recipe!r}: "
+                "use --loader torch (or auto)"
+            )
         if layout not in LAYOUTS:
             raise UsageError(f"layout {layout!r}: choose NCHW, or NHWC for channels_last")
         if dtype not in DTYPES:
@@ -358,9 +381,8 @@ class DaliTwoViewLoader:
         self.batch_sampler = ShardedBatchSampler(
             len(self.samples), batch_size, seed, rank, world_size
         )
-        self.view_args = dict(
-            recipe=recipe, crop_size=crop_size, crop_scale=crop_scale, mean=mean, std=std
-        )
+        self.views = views(recipe)
+        self.view_args = dict(crop_size=crop_size, crop_scale=crop_scale, mean=mean, std=std)
         self.dtype, self.layout, self.debug = dtype, layout, debug
         self.num_threads, self.skip_bad_images = max(num_threads, 1), skip_bad_images
         self.bad: set[int] = set()  # indices of files found unreadable so far
@@ -395,10 +417,11 @@ class DaliTwoViewLoader:
             image_hw = fn.peek_image_shape(data)  # (H, W, C); the crop uses H, W
             images = fn.decoders.image(data, device="mixed" if gpu else "cpu")
             outputs = []
-            for _ in range(2):  # two independent draws of the same recipe
+            for recipe in self.views:  # two independent draws, each of its view's recipe
                 view, draws = augment_view(
-                    images, image_hw, out_dtype=out_dtype, out_layout=out_layout, **self.view_args
-                )
+                    images, image_hw, view=recipe, out_dtype=out_dtype, out_layout=out_layout,
+                    **self.view_args,
+                )  # fmt: skip
                 outputs.append(view)
                 if self.debug:
                     outputs += [draws[k] for k in DEBUG_DRAWS]

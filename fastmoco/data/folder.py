@@ -109,3 +109,25 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             f"{min(n, MAX_BAD_IN_A_ROW)} unreadable images in a row from {first}: the dataset "
             f"under {self.root} looks broken; check that its files are intact images"
         )
+
+
+def unreadable_files(samples, indices, limit: int = 5) -> list[str]:
+    """The unreadable files a batch of `indices` skipped (each item's file and, past it,
+    the successors skip_bad_images moved on to, as ImageFolderDataset._read walks them), at
+    most `limit`: names for the run's report, found by reading those files again (only for
+    the rare batch that reported a skip)."""
+    found, n = [], len(samples)
+    for index in indices:
+        for step in range(min(n, MAX_BAD_IN_A_ROW)):
+            path = samples[(index + step) % n][0]
+            if not isinstance(path, str):
+                break  # a data set held in memory has no files to be unreadable
+            try:
+                load_rgb(path)
+                break
+            except _READ_ERRORS:
+                if path not in found:
+                    found.append(path)
+                if len(found) >= limit:
+                    return found
+    return found

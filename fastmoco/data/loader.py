@@ -42,21 +42,23 @@ def usable_cores() -> int:
 
 
 def cpu_plan(workers: int, ranks_here: int = 1) -> tuple[int, int]:
-    """(loader worker processes, torch intra-op threads) for one rank on a CPU device.
+    """(loader worker processes, torch intra-op threads to start with) for one rank on a
+    CPU device.
 
-    The cores are shared by every rank on this machine, its loader workers and its
-    intra-op threads: more runnable threads than cores makes them preempt each other, and
-    an intra-op thread preempted mid-operator stalls its siblings at the operator's end.
-    workers=AUTO_WORKERS gives half of a rank's cores to the workers (1 of 2 on a 2-core
-    machine), a given count is kept; the threads get the cores the workers leave, at least
-    one.
+    The cores are shared by every rank on this machine: each rank gets its share, all of
+    it for the step's intra-op threads to start with; the trainer then times the step with
+    the cores the workers leave and keeps the faster (engine/cpu_threads.py). Ranks are not
+    oversubscribed: more runnable step threads than cores makes them preempt each other,
+    and an intra-op thread preempted mid-operator stalls its siblings at the operator's
+    end. workers=AUTO_WORKERS gives half of a rank's cores to the workers (1 of 2 on a
+    2-core machine); a given count is kept.
     """
     cores = max(usable_cores() // max(ranks_here, 1), 1)
     if workers == AUTO_WORKERS:
         workers = cores // 2
     if workers < 0:
         raise UsageError(f"--workers {workers}: give a count >= 0, or -1 to choose from the cores")
-    return workers, max(cores - workers, 1)
+    return workers, cores
 
 
 def collate_two_views(items):
@@ -128,7 +130,7 @@ class TwoViewLoader:
         pin_memory: bool,
     ):
         self.dataset = dataset
-        self.description = f"torch DataLoader ({workers} workers)"
+        self.description = f"torch DataLoader ({workers} worker{'' if workers == 1 else 's'})"
         self.batch_sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size)
         self.loader = DataLoader(
             dataset,
@@ -144,6 +146,10 @@ class TwoViewLoader:
     @property
     def classes(self) -> list[str]:
         return self.dataset.classes
+
+    @property
+    def samples(self) -> list[tuple[object, int]]:
+        return self.dataset.samples
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select epoch's order; the next pass starts at its batch start_step."""
@@ -219,16 +225,17 @@ def build_train_loader(
         raise UsageError(f"--loader {loader!r}: choose one of {', '.join(LOADERS)}")
     device = torch.device(device)
     why = ""
-    if loader == "dali" and kwargs.get("recipe") not in dali.RECIPES:
+    missing = dali.unsupported(kwargs["recipe"])
+    if loader == "dali" and missing:
         raise UsageError(
-            f"--loader dali has the recipes {', '.join(dali.RECIPES)}, not "
-            f"{kwargs.get('recipe')!r}: use --loader torch (or auto)"
+            f"--loader dali does not implement {', '.join(missing)} of recipe "
+            f"{kwargs['recipe']!r}: use --loader torch (or auto)"
         )
     if loader == "auto":
         if is_in_memory(root):
             loader, why = "torch", "auto: DALI reads files; this data set is held in memory"
-        elif kwargs.get("recipe") not in dali.RECIPES:
-            loader, why = "torch", f"auto: recipe {kwargs.get('recipe')} has no DALI version yet"
+        elif missing:
+            loader, why = "torch", f"auto: DALI does not implement {', '.join(missing)}"
         elif device.type != "cuda":
             loader, why = "torch", "auto: DALI is used on CUDA; --loader dali for its CPU mode"
         elif not dali.dali_available():

@@ -86,6 +86,7 @@ class ImageSource:
     samples: list[tuple[object, int]]
     classes: list[str]
     arrays: object = field(default=None, repr=False)
+    missing: list[str] = field(default_factory=list)  # an image list's paths that do not exist
 
     @property
     def labelled(self) -> bool:
@@ -103,6 +104,19 @@ def parse_named(spec) -> tuple[str, Path, str | None] | None:
     """(name, DIR, split or None) of 'cifar10:DIR[#split]', else None."""
     m = _NAMED.match(str(spec))
     return (m.group(1), Path(m.group(2)), m.group(3)) if m else None
+
+
+def resolved(spec) -> str | None:
+    """A --data value with its path absolute (a named set's DIR, its name and split kept),
+    so that a saved recipe names the same data from any working directory; None stays None
+    (the embedded demo set)."""
+    if spec is None:
+        return None
+    named = parse_named(spec)
+    if named is not None:
+        name, root, split = named
+        return f"{name}:{Path(root).expanduser().resolve()}" + (f"#{split}" if split else "")
+    return str(Path(spec).expanduser().resolve())
 
 
 def is_in_memory(spec) -> bool:
@@ -207,13 +221,28 @@ def _open_list(path: Path) -> ImageSource:
     ]
     if not files:
         raise DataError(f"image list {path} is empty: write one image path a line")
-    missing = [f for f in files[:8] if not os.path.isfile(f)]
-    if missing:
+    missing = _missing_files(path, tuple(files))
+    if len(missing) == len(files):
         raise DataError(
-            f"image list {path}: {missing[0]} does not exist (relative paths are read from "
-            f"the list's folder {base}): fix the paths or write absolute ones"
+            f"image list {path}: none of its {len(files)} paths exists (the first: {files[0]}; "
+            f"relative paths are read from the list's folder {base}): fix the paths or write "
+            "absolute ones"
         )
-    return ImageSource(str(path), [(f, -1) for f in files], [])
+    return ImageSource(str(path), [(f, -1) for f in files], [], missing=missing)
+
+
+_MISSING_CACHE: dict[tuple, list[str]] = {}
+
+
+def _missing_files(path: Path, files: tuple[str, ...]) -> list[str]:
+    """The listed files that do not exist, every one checked (2M paths take about 12 s), once
+    per process for a given list file and its modification time: a run opens its list
+    several times (the planner, each loader)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _MISSING_CACHE:
+        _MISSING_CACHE[key] = [f for f in files if not os.path.isfile(f)]
+    return _MISSING_CACHE[key]
 
 
 def _open_named(name: str, root: Path, split: str | None) -> ImageSource:

@@ -79,7 +79,9 @@ class TinyResNet(nn.Module):
     images/s for the MoCo step at 32 px), which buys the demo more epochs in its 5 minutes.
     """
 
-    def __init__(self, widths=(16, 32, 64, 128), norm_layer=nn.BatchNorm2d):
+    def __init__(
+        self, widths=(16, 32, 64, 128), norm_layer=nn.BatchNorm2d, zero_init_residual=False
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = norm_layer(widths[0])
@@ -95,6 +97,9 @@ class TinyResNet(nn.Module):
         self.layers = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = cin
+        if zero_init_residual:  # as torchvision's ResNet: each block starts as the identity
+            for block in stages:
+                nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x):
         x = self.layers(self.relu(self.bn1(self.conv1(x))))
@@ -102,20 +107,24 @@ class TinyResNet(nn.Module):
 
 
 def build_backbone(
-    arch: str, *, small_images: bool = False, bn_splits: int = 1
+    arch: str, *, small_images: bool = False, bn_splits: int = 1, zero_init_residual: bool = False
 ) -> tuple[nn.Module, int]:
     """A headless backbone and its feature width.
 
     small_images: the CIFAR variant of the MoCo demo (3x3 stride-1 stem, no max-pool) for
     32-64 px inputs, where the ImageNet stem would shrink the image 4x before any block.
+    zero_init_residual: the last BN of every residual block starts at gamma 0 (torchvision's
+    option, which moco-v3's main_moco.py sets).
     """
     norm_layer = norm_layer_for(bn_splits)
     if arch == "resnet-tiny":
-        net = TinyResNet(norm_layer=norm_layer)
+        net = TinyResNet(norm_layer=norm_layer, zero_init_residual=zero_init_residual)
         return net, net.out_dim
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
-    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer)
+    net = getattr(torchvision.models, arch)(
+        weights=None, norm_layer=norm_layer, zero_init_residual=zero_init_residual
+    )
     if small_images:
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
@@ -150,12 +159,18 @@ def backbone_from(
     bn_splits: int = 1,
     feat_dim: int | None = None,
     image_size: int = 224,
+    zero_init_residual: bool = False,
 ) -> tuple[nn.Module, int]:
     """(backbone, feature width) of an arch name (build_backbone) or of an nn.Module used as
     it is (a timm model with num_classes=0, a torchvision ResNet with fc = Identity, your own
     network): its width is feat_dim, else probe_feature_dim at image_size."""
     if isinstance(backbone, str):
-        return build_backbone(backbone, small_images=small_images, bn_splits=bn_splits)
+        return build_backbone(
+            backbone,
+            small_images=small_images,
+            bn_splits=bn_splits,
+            zero_init_residual=zero_init_residual,
+        )
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone: an arch name or an nn.Module, not {type(backbone).__name__}")
     if bn_splits > 1:

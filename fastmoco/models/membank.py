@@ -17,6 +17,8 @@ step, as in InstDisc). The bank is a buffer: checkpoints carry it; under DDP eve
 applies the update of the whole global batch (gathered), so the banks stay identical.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,7 @@ from fastmoco.ops import info_nce
 from fastmoco.ops.distributed import all_gather_cat
 
 from .base import ContrastiveMethod
-from .moco import Encoder
+from .moco import Encoder, encoder_args
 
 
 class MemoryBank(ContrastiveMethod):
@@ -57,6 +59,19 @@ class MemoryBank(ContrastiveMethod):
         # Seeded identically on every rank: all ranks sample the same negatives.
         self.gen = torch.Generator().manual_seed(seed + 1)
 
+    @classmethod
+    def from_config(cls, cfg, *, num_samples: int = 1) -> "MemoryBank":
+        return cls(
+            cfg.arch, num_samples=num_samples, K=cfg.queue_size, bank_m=cfg.bank_m,
+            T=cfg.temperature, seed=cfg.seed, **encoder_args(cfg),
+        )  # fmt: skip
+
+    def summary(self) -> str:
+        return f"K={self.K} negatives sampled from a bank of {self.bank.shape[0]} features"
+
+    def loss_ceiling(self, batch_size: int) -> float:
+        return math.log(self.K + 1)
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, index: torch.Tensor | None = None):
         """(loss, unit features q to store in after_step, rank of the positive among K)."""
         q = self.encoder_q(x1)  # N x C
@@ -65,11 +80,11 @@ class MemoryBank(ContrastiveMethod):
             0, self.bank.shape[0], (self.K,), device=self.bank.device, generator=self.gen
         )
         negatives = self.bank[draw]  # K x C
-        loss, rank = info_nce(q, positives, negatives, self.T, return_stats=True)
-        return loss, F.normalize(q.detach().float(), dim=1), rank
+        loss, pos_rank = info_nce(q, positives, negatives, self.T, return_stats=True)
+        return loss, F.normalize(q.detach().float(), dim=1), pos_rank
 
     @torch.no_grad()
-    def after_step(self, q: torch.Tensor, index: torch.Tensor, momentum=None) -> None:
+    def after_step(self, q: torch.Tensor, index: torch.Tensor, ema_weight=None) -> None:
         """bank[i] <- normalize(bank_m * bank[i] + (1 - bank_m) * q_i) for the global batch."""
         q, index = all_gather_cat(q), all_gather_cat(index)
         mixed = self.bank[index] * self.bank_m + q * (1 - self.bank_m)

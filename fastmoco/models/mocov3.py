@@ -13,14 +13,10 @@ r"""MoCo v3 (Chen, Xie, He 2021), shaped like the official moco-v3 builder.
 
 k_hat_all are the unit keys of the whole global batch (all ranks, gathered without
 gradient): in-batch negatives, no queue. The 2T factor makes the gradient's scale
-independent of T (the paper's Algorithm 1). On one rank ctr is fastmoco.ops.info_nce with
-queue=None (fused, logits never built on CUDA); across ranks each row's negatives are its
-rank's other keys plus every other rank's keys, which no single queue argument of info_nce
-expresses (a queue is shared by all rows, so the local keys would either be missing or
-count the positive twice). There the fused kernel streams the gathered keys with column
-i + N * rank excluded (its column-exclusion `shift`) and the positive given apart, so the
-N x (N * world) logits are not built either; without the kernels (CPU, fp64) they are,
-as the official code does (in_batch_ctr).
+independent of T (the paper's Algorithm 1). ctr is fastmoco.ops.info_nce with queue=None
+and, across ranks, the gathered keys as `all_keys` with this rank's rows at
+offset = N * rank (fused on CUDA, logits never built). The keys are cast to the queries'
+dtype (bf16 under AMP), so the fused kernel multiplies on the tensor cores.
 
 Heads (official code, where it differs from the paper's "3-layer projector" for both):
 ResNet: projector 2 layers 2048-4096-256, predictor 2 layers 256-4096-256 without a last BN;
@@ -31,18 +27,19 @@ of the next step: the same sequence as the official update at the start of each 
 """
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmoco.errors import UsageError
 from fastmoco.ops import info_nce, momentum_update_
 from fastmoco.ops.distributed import all_gather_cat, world
-from fastmoco.ops.info_nce import FALLBACK, kernel_kind, use_triton
 
-from .backbones import backbone_from
+from .backbones import ARCHS, backbone_from
 from .base import ContrastiveMethod
-from .vit import VIT_ARCHS, build_vit
+from .vit import PATCH, VIT_ARCHS, build_vit
 
 
 def build_mlp(num_layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool = True):
@@ -87,14 +84,17 @@ class PredictorEncoder(ProjectedEncoder):
 
 
 def v3_encoders(
-    arch, *, dim, mlp_dim, small_images, image_size, frozen_patch_proj
+    arch, *, dim, mlp_dim, small_images, image_size, frozen_patch_proj, zero_init_residual=False
 ) -> tuple[PredictorEncoder, ProjectedEncoder]:
     """(query encoder with predictor, momentum encoder), the latter a copy without predictor."""
     if isinstance(arch, str) and arch in VIT_ARCHS:
         backbone, feat = build_vit(arch, image_size=image_size, frozen_patch_proj=frozen_patch_proj)
         proj_layers, pred_last_bn = 3, True
     else:  # a ResNet name, or an nn.Module backbone (ResNet-style heads)
-        backbone, feat = backbone_from(arch, small_images=small_images, image_size=image_size)
+        backbone, feat = backbone_from(
+            arch, small_images=small_images, image_size=image_size,
+            zero_init_residual=zero_init_residual,
+        )  # fmt: skip
         proj_layers, pred_last_bn = 2, False
     projector = build_mlp(proj_layers, feat, mlp_dim, dim)
     predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=pred_last_bn)
@@ -104,36 +104,10 @@ def v3_encoders(
     return enc_q, enc_k
 
 
-def in_batch_ctr(q: torch.Tensor, k_all: torch.Tensor, offset: int, T: float):
-    """CE(q_hat @ k_hat_all.T / T, labels arange(N) + offset) per row and the positive's
-    rank: the official formula, for keys gathered from several ranks (k_all: unit keys)."""
-    q = F.normalize(q.float(), dim=1)
-    logits = q @ k_all.float().T / T  # N x (N * world)
-    labels = torch.arange(q.shape[0], device=q.device) + offset
-    pos = logits.gather(1, labels[:, None])
-    rank = (logits.detach() > pos.detach()).sum(dim=1)
-    return F.cross_entropy(logits, labels), rank
-
-
-def gathered_ctr(q, k, k_all, offset: int, T: float, *, backend: str | None = None):
-    """in_batch_ctr(q, k_all, offset, T) without the logits when the fused kernels take the
-    inputs: k (N, C) are this rank's unit keys, k_all[offset:offset + N] the same rows;
-    the kernel excludes stream column (i + offset) mod M, so row i's positive is counted
-    once, from k, and every other gathered key is a negative. backend: None picks (CUDA:
-    the kernels), "triton" forces them, "torch" the formula."""
-    if use_triton(backend, q, k, k_all):
-        try:
-            from fastmoco.ops._info_nce_fused import fused_loss
-
-            return fused_loss(
-                q, k, k_all, T, normalize=True, normalize_stream=True, excl_self=False, shift=offset
-            )
-        except Exception as err:  # noqa: BLE001 - FALLBACK re-raises all but kernel failures
-            FALLBACK.handle(backend, kernel_kind(q, k, k_all), err)
-    return in_batch_ctr(q, k_all, offset, T)
-
-
 class MoCoV3(ContrastiveMethod):
+    archs = ARCHS + VIT_ARCHS
+    sync_bn = True  # global BN statistics across CUDA ranks, as the official code
+
     def __init__(
         self,
         arch: str = "resnet50",
@@ -145,11 +119,13 @@ class MoCoV3(ContrastiveMethod):
         small_images: bool = False,
         image_size: int = 224,
         frozen_patch_proj: bool = False,
+        zero_init_residual: bool = False,
     ):
         """dim: output of projector and predictor; mlp_dim: their hidden width; m: initial
-        momentum (the trainer's cosine schedule raises it to 1); T: 1.0 ResNet, 0.2 ViT.
-        BN here is per device; the trainer converts both encoders to SyncBN on several
-        CUDA ranks, as the official code does."""
+        momentum (the trainer's cosine schedule raises it to 1); T: 1.0 ResNet, 0.2 ViT;
+        zero_init_residual: moco-v3 builds its ResNet so (the preset sets it). BN here is
+        per device; the trainer converts both encoders to SyncBN on several CUDA ranks, as
+        the official code does (sync_bn)."""
         super().__init__()
         self.m, self.T = m, T
         self.encoder_q, self.encoder_k = v3_encoders(
@@ -159,15 +135,62 @@ class MoCoV3(ContrastiveMethod):
             small_images=small_images,
             image_size=image_size,
             frozen_patch_proj=frozen_patch_proj,
+            zero_init_residual=zero_init_residual,
         )
 
+    # --- the registry's questions ----------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, *, num_samples: int = 1) -> "MoCoV3":
+        return cls(
+            cfg.arch,
+            dim=cfg.dim,
+            mlp_dim=4096 if cfg.mlp_hidden is None else cfg.mlp_hidden,  # v3's width
+            m=cfg.moco_m,
+            T=cfg.temperature,
+            small_images=cfg.small_images,
+            image_size=cfg.crop_size,
+            frozen_patch_proj=cfg.frozen_patch_proj,
+            zero_init_residual=cfg.zero_init_residual,
+        )
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.arch in VIT_ARCHS and cfg.crop_size % PATCH:
+            raise UsageError(
+                f"--arch {cfg.arch} cuts {PATCH}x{PATCH} patches: --crop-size must be a multiple"
+            )
+
+    def summary(self) -> str:
+        return "in-batch negatives (the global batch's keys), symmetric loss"
+
+    def loss_ceiling(self, batch_size: int) -> float:
+        """Each ctr of two is 2T ln(M) for M = the global batch's keys (module doc)."""
+        return 2 * 2 * self.T * math.log(batch_size * world()[1])
+
+    def extra_state(self) -> dict:
+        """The momentum encoder by name, as the MoCo layout keeps encoder_k (export writes
+        it as moco-v3's momentum_encoder)."""
+        return {"encoder_k": self.encoder_k.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "encoder_k" in state:
+            self.encoder_k.load_state_dict(state["encoder_k"])
+        else:  # checkpoints written before: everything but encoder_q under "model"
+            super().load_extra_state(state)
+
+    # --- the algorithm ---------------------------------------------------------------------
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor):
         """ctr(q, k) * 2T over the global batch's keys; (loss, rank of each positive)."""
-        rank, world_size = world()
+        process_rank, world_size = world()
+        k = k.to(q.dtype)  # bf16 queries under AMP: bf16 keys, so the dots use tensor cores
         if world_size == 1:
             loss, pos_rank = info_nce(q, k, None, self.T, return_stats=True)
         else:
-            loss, pos_rank = gathered_ctr(q, k, all_gather_cat(k), q.shape[0] * rank, self.T)
+            loss, pos_rank = info_nce(
+                q, k, None, self.T, all_keys=all_gather_cat(k), offset=q.shape[0] * process_rank,
+                return_stats=True,
+            )  # fmt: skip
         return loss * (2 * self.T), pos_rank
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, index=None):
@@ -176,13 +199,16 @@ class MoCoV3(ContrastiveMethod):
         with torch.no_grad():
             k1 = F.normalize(self.encoder_k(x1).float(), dim=1)  # keys: N x dim
             k2 = F.normalize(self.encoder_k(x2).float(), dim=1)
-        loss12, rank = self.contrastive_loss(q1, k2)
+        loss12, pos_rank = self.contrastive_loss(q1, k2)
         loss21, _ = self.contrastive_loss(q2, k1)
-        return loss12 + loss21, None, rank
+        return loss12 + loss21, None, pos_rank
 
     @torch.no_grad()
-    def after_step(self, aux, index=None, momentum=None) -> None:
+    def after_step(self, aux, index=None, ema_weight=None) -> None:
         """f_k <- m f_k + (1 - m) f_q (backbone and projector; the predictor has no twin)."""
         source = self.query_encoder().base_parameters()
-        m = self.m if momentum is None else momentum
-        momentum_update_(list(self.encoder_k.parameters()), source, m)
+        target = list(self.encoder_k.parameters())
+        if ema_weight is None:
+            momentum_update_(target, source, self.m)
+        else:  # the schedule's 1 - m as it is: exact in float32 as m nears 1
+            momentum_update_(target, source, ema_weight=ema_weight)

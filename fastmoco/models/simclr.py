@@ -13,13 +13,15 @@ s in 1..N-1 (y=1), so every image is in one pair of each kind; loss =
 contrastive_margin_loss over the 2N pairs with the paper's margin.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from fastmoco.ops import contrastive_margin_loss, nt_xent
 
 from .base import ContrastiveMethod
-from .moco import Encoder
+from .moco import Encoder, encoder_args
 
 
 class SimCLR(ContrastiveMethod):
@@ -40,11 +42,21 @@ class SimCLR(ContrastiveMethod):
             arch, dim=dim, mlp_hidden=mlp_hidden, small_images=small_images, bn_splits=bn_splits
         )
 
+    @classmethod
+    def from_config(cls, cfg, *, num_samples: int = 1) -> "SimCLR":
+        return cls(cfg.arch, T=cfg.temperature, **encoder_args(cfg))
+
+    def summary(self) -> str:
+        return "in-batch negatives: the other 2N - 2 views"
+
+    def loss_ceiling(self, batch_size: int) -> float:
+        return math.log(2 * batch_size - 1)
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, index=None):
         """(loss over the 2N views, None, rank of view 1's positives among 2N - 2)."""
         z1, z2 = self.encoder_q(x1), self.encoder_q(x2)  # N x dim each
-        loss, rank = nt_xent(z1, z2, self.T, return_stats=True)
-        return loss, None, rank[: x1.shape[0]]
+        loss, pos_rank = nt_xent(z1, z2, self.T, return_stats=True)
+        return loss, None, pos_rank[: x1.shape[0]]
 
 
 class DrLIM(ContrastiveMethod):
@@ -69,6 +81,13 @@ class DrLIM(ContrastiveMethod):
         )
         self.gen = torch.Generator().manual_seed(seed)  # the negative pairs' shift
 
+    @classmethod
+    def from_config(cls, cfg, *, num_samples: int = 1) -> "DrLIM":
+        return cls(cfg.arch, margin=cfg.margin, seed=cfg.seed, **encoder_args(cfg))
+
+    def summary(self) -> str:
+        return f"pairs: view 2 of another image as the dissimilar one, margin {self.margin}"
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, index=None):
         """(loss over N similar + N dissimilar pairs, None, 1 where the negative is closer)."""
         N = x1.shape[0]
@@ -80,6 +99,6 @@ class DrLIM(ContrastiveMethod):
         z2_neg = z2[other]  # view 2 of another image
         y = torch.cat([z1.new_zeros(N), z1.new_ones(N)])  # 0: similar, 1: dissimilar
         loss = contrastive_margin_loss(torch.cat([z1, z1]), torch.cat([z2, z2_neg]), y, self.margin)
-        with torch.no_grad():
-            rank = ((z1 - z2_neg).norm(dim=1) < (z1 - z2).norm(dim=1)).long()
-        return loss, None, rank
+        with torch.no_grad():  # 1 where the dissimilar pair is the closer: a pair-ranking miss
+            pos_rank = ((z1 - z2_neg).norm(dim=1) < (z1 - z2).norm(dim=1)).long()
+        return loss, None, pos_rank

@@ -7,11 +7,18 @@ width 768, MLP 3072), headless, returning the class token's features. As in moco
 position embedding is the fixed 2-d sin-cos one (not learned) and LayerNorm's eps is 1e-6
 (torchvision's default too).
 
+Initialisation is moco-v3's vits.py (VisionTransformerMoCo.__init__), not torchvision's:
+  qkv (nn.MultiheadAttention's in_proj)  uniform +-sqrt(6 / (3 * width / 3 + width)): Q, K and
+                                          V as three matrices, each Xavier-uniform
+  every other Linear (attention output, the MLP's two layers)   Xavier-uniform
+  every Linear bias                       0
+  class token                             normal, std 1e-6
+  patch projection                        uniform +-sqrt(6 / (3 * 16 * 16 + width)), bias 0
+  LayerNorms                              weight 1, bias 0 (both libraries' default)
+
 frozen_patch_proj: MoCo v3's "stop-grad-conv1" (Sec. 4.2 of the paper): the 16x16 patch
 projection keeps its random initialisation and gets no gradient, which the paper found
-removes the training instability (loss dips) of ViT under large batches. As in the
-official code the projection is then initialised Xavier-uniform over its fan-in 3*16*16
-and fan-out.
+removes the training instability (loss dips) of ViT under large batches.
 
 Checkpoints: moco-v3's ViTs are timm VisionTransformers; MOCOV3_NAMES maps their state_dict
 names to torchvision's one for one (timm's fused qkv is nn.MultiheadAttention's in_proj, in
@@ -94,14 +101,27 @@ def build_vit(
     with torch.no_grad():
         pos.copy_(sincos_position_embedding(image_size // PATCH, width))
     pos.requires_grad_(False)
+    mocov3_init_(net, width)
     if frozen_patch_proj:
-        w = net.conv_proj.weight  # (width, 3, 16, 16)
-        bound = math.sqrt(6.0 / float(3 * PATCH * PATCH + width))
-        with torch.no_grad():
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.zeros_(net.conv_proj.bias)
         net.conv_proj.requires_grad_(False)
     return net, width
+
+
+@torch.no_grad()
+def mocov3_init_(net: VisionTransformer, width: int) -> None:
+    """moco-v3's vits.py initialisation (module doc), on torchvision's modules."""
+    for module in net.modules():
+        if isinstance(module, nn.MultiheadAttention):  # vits.py's qkv Linear(width, 3 width)
+            bound = math.sqrt(6.0 / float(module.in_proj_weight.shape[0] // 3 + width))
+            nn.init.uniform_(module.in_proj_weight, -bound, bound)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, nn.Linear):  # attention output and the MLP's layers
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(net.class_token, std=1e-6)
+    bound = math.sqrt(6.0 / float(3 * PATCH * PATCH + width))
+    nn.init.uniform_(net.conv_proj.weight, -bound, bound)  # (width, 3, 16, 16)
+    nn.init.zeros_(net.conv_proj.bias)
 
 
 def _rename(name: str, names: dict, blocks: dict, block: re.Pattern, prefix: str) -> str:
