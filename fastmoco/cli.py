@@ -2,8 +2,10 @@
 
 Every parser is here, in argument groups; `fastmoco <command> --help` is each command's
 manual. The flags of `train` and `lincls` are made from the fields of TrainConfig and
-LinclsConfig (one flag per field, typed from its annotation), so every field has a flag by
-construction; TRAIN_FLAGS and LINCLS_FLAGS give each one its group and help.
+LinclsConfig: one flag per field, typed from its annotation, its help the field's
+docstring, its choices the field's Literal or the registry that owns them
+(engine.plan.CHOICES), its group the section of the dataclass it stands in. So a field is
+described once, in its dataclass, and every field has a flag by construction.
 """
 
 import argparse
@@ -13,214 +15,36 @@ import types
 import typing
 from pathlib import Path
 
-from fastmoco.config import PRESETS, TrainConfig
-from fastmoco.config_io import read_config_file, to_yaml
-from fastmoco.data.augment import RECIPES
+from fastmoco import __version__
+from fastmoco.config import PRESETS, TrainConfig, choices_of, field_docs, field_groups
+from fastmoco.config_io import read_config_file, run_dir_hint, to_yaml
 from fastmoco.engine.checkpoint_io import FORMATS
-from fastmoco.engine.notices import DALI_DIFFERENCES
-from fastmoco.errors import UsageError
+from fastmoco.errors import EnvironmentFault, Interrupted, UsageError
 from fastmoco.eval.lincls import PRESETS as LINCLS_PRESETS
 from fastmoco.eval.lincls import LinclsConfig
 
 DEVICES = ["auto", "cpu", "cuda"]
 TRUST_HELP = "load --pretrained with full unpickling (only from a trusted source: it can run code)"
-
-# group title -> {field: help, or (help, extra add_argument keywords)}. Fields left out
-# still get a flag (in "other"); tests/test_cli.py asserts that none is left out.
-TRAIN_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
-    "what to train": {
-        "preset": (
-            "configuration that sets every value below (default: demo without --data, "
-            "mocov2 with it)",
-            dict(choices=sorted(PRESETS)),
-        ),
-        "method": (
-            "moco (v1/v2), mocov3 (set by --preset mocov3), simclr (end-to-end), membank "
-            "(memory bank, --queue-size negatives), drlim (margin loss on pairs)",
-            dict(choices=["moco", "mocov3", "simclr", "membank", "drlim"]),
-        ),
-        "arch": "backbone: resnet18, resnet34, resnet50, resnet-tiny; vit_small, vit_base "
-        "with mocov3",
-        "small_images": "3x3 stem without max-pool, for 32-64 px images",
-        "frozen_patch_proj": "ViT: keep the random patch projection frozen (mocov3-vit)",
-        "dim": "output feature dimension C (mocov3: 256)",
-        "mlp_hidden": "hidden width of the MLP head (default: the backbone's feature width, "
-        "as the official v2; v3: 4096); 0 = v1's fc head",
-    },
-    "contrastive loss": {
-        "queue_size": "K, negatives in the queue (membank: negatives drawn from the bank)",
-        "moco_m": "key-encoder momentum m",
-        "moco_m_cos": "raise the momentum from --moco-m to 1 on a half cosine (mocov3)",
-        "temperature": "T (mocov1: 0.07)",
-        "shuffle_bn": "shuffle BN: encode keys in a shuffled order across BN groups",
-        "bn_splits": "BN groups per device for shuffle BN (8 simulates 8 GPUs on one, as the "
-        "official CIFAR-10 demo). With 1 group on one device shuffle BN does nothing, and "
-        "training warns",
-        "bank_m": "membank: momentum of the stored features",
-        "margin": "drlim: margin of dissimilar pairs",
-    },
-    "data and augmentation": {
-        "data": (
-            "DIR/train and DIR/val (kNN monitor), or DIR as the train set: an ImageFolder "
-            "(DIR/<class>/<image>) or any folder of images (unlabelled; flat or nested); a "
-            "text file of image paths; cifar10:DIR, cifar100:DIR, stl10:DIR for "
-            "torchvision's files on disk (default: the embedded demo set)",
-            dict(metavar="DATA"),
-        ),
-        "demo_seed": "which demo dataset to draw (without --data)",
-        "recipe": (
-            "augmentation: v1, v2 (adds blur), v3 (BYOL's asymmetric pair, solarize), cifar "
-            "(v2 without blur, the official CIFAR-10 demo's)",
-            dict(choices=list(RECIPES)),
-        ),
-        "crop_size": "training crop in pixels",
-        "crop_scale": ("RandomResizedCrop's area range", dict(metavar=("MIN", "MAX"))),
-        "mean": ("normalisation mean per channel", dict(metavar=("R", "G", "B"))),
-        "std": ("normalisation std per channel", dict(metavar=("R", "G", "B"))),
-        "loader": (
-            "input pipeline: DALI (GPU decode + augmentation; CPU mode without CUDA) or the "
-            "torchvision DataLoader. auto: DALI on CUDA when installed, for files (not "
-            "cifar10:DIR and the like). DALI runs torchvision's recipe (random jitter order, "
-            f"contrast about the mean luma, HSV hue); its pixels differ by {DALI_DIFFERENCES}; "
-            "the run prints which loader runs",
-            dict(choices=["auto", "dali", "torch"]),
-        ),
-        "workers": "data-loading processes per rank; -1: half the cores this process may use",
-        "skip_bad_images": "count and skip unreadable images instead of stopping at the first",
-    },
-    "optimisation": {
-        "epochs": "epochs",
-        "batch_size": "global batch over all GPUs",
-        "lr": "learning rate; the rate used is printed at start (see --lr-scaling)",
-        "lr_scaling": (
-            "linear: the rate used is lr x batch-size / 256 (moco-v3's rule); none: lr as "
-            "given (official v1/v2: their --lr 0.03 is for batch 256, --lr 0.015 for 128)",
-            dict(choices=["linear", "none"]),
-        ),
-        "optimizer": (
-            "sgd (v1/v2), lars (v3 ResNet), adamw (v3 ViT)",
-            dict(choices=["sgd", "lars", "adamw"]),
-        ),
-        "momentum": "SGD/LARS momentum",
-        "weight_decay": "weight decay",
-        "schedule": (
-            "cosine (v2) or step (v1: x0.1 at --lr-steps)",
-            dict(choices=["cosine", "step"]),
-        ),
-        "lr_steps": "epochs where --schedule step multiplies the lr by 0.1",
-        "warmup_epochs": "linear warm-up epochs",
-        "amp": "mixed precision (autocast); on CUDA it implies --channels-last unless "
-        "--no-channels-last is given",
-        "amp_dtype": (
-            "bf16 needs no scaler; fp16 uses a GradScaler (CUDA only, not captured)",
-            dict(choices=["bf16", "fp16"]),
-        ),
-        "channels_last": "NHWC memory format (default: on with --amp on CUDA, off otherwise)",
-        "queue_dtype": (
-            "dtype of the MoCo queue: auto = the AMP dtype under --amp (the fused InfoNCE "
-            "then reads bf16 keys on tensor cores), else fp32",
-            dict(choices=["auto", "fp32", "bf16", "fp16"]),
-        ),
-        "cuda_graph": (
-            "run the whole step as one captured CUDA graph: auto = on CUDA when the "
-            "configuration allows it (the run's first lines say which step runs and why), "
-            "on = stop if it cannot, off = eager (docs/step.md)",
-            dict(choices=["auto", "on", "off"]),
-        ),
-    },
-    "kNN monitor (weighted kNN on DIR/val, bank = DIR/train)": {
-        "knn_every": "epochs between kNN evaluations; 0: off; default: the fewest that keep "
-        "the monitor under 5%% of the images training reads (every 3 epochs on ImageNet)",
-        "knn_bank": "bank size: at most this many train images, a fixed random subset (0: all)",
-        "knn_k": "neighbours",
-        "knn_t": "temperature of the neighbours' votes",
-    },
-    "run": {
-        "device": ("auto: CUDA when visible", dict(choices=DEVICES)),
-        "gpus": "local processes, one per GPU; under torchrun the environment decides",
-        "out": ("run directory (default runs/<preset>-<date-time>)", dict(metavar="DIR")),
-        "resume": (
-            "checkpoint file, run directory, or 'auto' (newest run of the preset)",
-            dict(metavar="PATH"),
-        ),
-        "seed": "seed of weights, data order, augmentation and shuffle BN",
-        "log_every": "steps between reads of the loss (each read is a host sync)",
-        "progress": "progress bars",
-    },
-    "fault tolerance (docs/reliability.md)": {
-        "save_every": "steps between checkpoints besides each epoch's end (0: epoch ends only)",
-        "keep": "checkpoints kept: checkpoint.pt, checkpoint.prev.pt, checkpoint.prev2.pt, ...",
-        "force": "start over in an --out that holds a run, replacing its outputs",
-        "trust_checkpoint": "load --resume files with full unpickling (only from a trusted source: "
-        "it can run code)",
-        "on_nonfinite": (
-            "NaN/inf loss or gradient: stop (exit code 3, last good checkpoint kept) or skip "
-            "the step",
-            dict(choices=["stop", "skip"]),
-        ),
-        "allow_repeated_negatives": "allow --queue-size >= the training images (v1/v2)",
-    },
+# How a value is shown in --help, where its type alone would say too little.
+FIELD_METAVARS = {
+    "data": "DATA",
+    "out": "DIR",
+    "resume": "PATH",
+    "pretrained": "PATH",
+    "crop_scale": ("MIN", "MAX"),
+    "mean": ("R", "G", "B"),
+    "std": ("R", "G", "B"),
 }
-
-LINCLS_FLAGS: dict[str, dict[str, str | tuple[str, dict]]] = {
-    "what to evaluate": {
-        "preset": (
-            "configuration that sets every value below (default: demo without --data, "
-            "official with it)",
-            dict(choices=sorted(LINCLS_PRESETS)),
-        ),
-        "pretrained": (
-            "checkpoint file: fastmoco checkpoint.pt, official MoCo, torchvision ResNet",
-            dict(required=True, metavar="FILE"),
-        ),
-        "arch": "backbone, for files that do not name one (read off the keys if absent)",
-    },
-    "data": {
-        "data": (
-            "DIR with labelled train/ and val/ (ImageFolders: a subdirectory per class), or "
-            "cifar10:DIR, cifar100:DIR, stl10:DIR (train -> test; STL-10's labelled train) "
-            "for torchvision's files on disk (default: the checkpoint's demo set)",
-            dict(metavar="DATA"),
-        ),
-        "crop_size": "train RandomResizedCrop and val CenterCrop size",
-        "crop_scale": ("train RandomResizedCrop's area range", dict(metavar=("MIN", "MAX"))),
-        "resize_size": "val Resize before the center crop (default crop/0.875)",
-        "mean": ("normalisation mean (default: the checkpoint's)", dict(metavar=("R", "G", "B"))),
-        "std": ("normalisation std (default: the checkpoint's)", dict(metavar=("R", "G", "B"))),
-        "workers": "data-loading processes per rank",
-    },
-    "optimisation (SGD on the linear layer only)": {
-        "epochs": "epochs",
-        "batch_size": "global batch over all GPUs",
-        "lr": "learning rate, used as given (not scaled by batch)",
-        "lr_steps": "epochs where the lr drops x0.1",
-        "momentum": "SGD momentum",
-        "weight_decay": "weight decay",
-        "amp": "backbone under autocast (fc stays fp32)",
-        "amp_dtype": ("fp16: CUDA only", dict(choices=["bf16", "fp16"])),
-        "channels_last": "NHWC memory format",
-    },
-    "run": {
-        "device": ("auto: CUDA when visible", dict(choices=DEVICES)),
-        "gpus": "local processes, one per GPU; under torchrun the environment decides",
-        "out": ("run directory (default runs/lincls-<preset>-<date-time>)", dict(metavar="DIR")),
-        "resume": (
-            "checkpoint file, run directory, or 'auto' (newest lincls run)",
-            dict(metavar="PATH"),
-        ),
-        "seed": "seed of fc's init, data order and augmentation",
-        "progress": "progress bar",
-        "trust_checkpoint": "load --pretrained with full unpickling (only from a trusted "
-        "source: it can run code)",
-    },
-}
+METAVARS = {int: "N", float: "X", str: "NAME"}
 
 
 def _flag_type(annotation) -> tuple[type, int | str | None]:
     """(element type, nargs) of a field annotation: int, str | None, tuple[float, float],
-    tuple[int, ...]."""
-    if isinstance(annotation, types.UnionType):  # X | None
+    tuple[int, ...], Literal[...] (str)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(typing.get_args(annotation)[0]), None
     if typing.get_origin(annotation) is tuple:
         args = typing.get_args(annotation)
         return args[0], ("+" if args[-1] is Ellipsis else len(args))
@@ -233,34 +57,43 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-METAVARS = {int: "N", float: "X", str: "NAME"}
+def registry_choices() -> dict[str, tuple]:
+    """Fields whose choices a registry owns (methods, backbones, recipes, optimizers)."""
+    from fastmoco.engine.plan import CHOICES
+
+    return {name: tuple(registry) for name, registry in CHOICES.items()}
 
 
-def add_config_flags(parser, cls, groups: dict, shown: object) -> None:
-    """One flag per field of dataclass cls, --field-name, in the argument groups of `groups`.
-    Every flag defaults to None (= keep the preset's value); help quotes the value in the
-    preset `shown`. Booleans get --x / --no-x."""
+def add_config_flags(parser, cls, shown: object, choices: dict | None = None) -> None:
+    """One flag per field of dataclass cls, --field-name, in the groups of its sections
+    (config.field_groups), its docstring as help, quoting the value in the preset `shown`.
+    Every flag defaults to None (= keep the preset's value). Booleans get --x / --no-x."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unlisted = {name: "" for name in fields if not any(name in g for g in groups.values())}
-    for title, flags in {**groups, "other": unlisted}.items():
-        if not flags:
-            continue
+    docs, types_ = field_docs(cls), typing.get_type_hints(cls)
+    choices = dict(choices or {})
+    choices["preset"] = tuple(sorted(LINCLS_PRESETS if cls is LinclsConfig else PRESETS))
+    for title, names in field_groups(cls).items():
         group = parser.add_argument_group(title)
-        for name, spec in flags.items():
-            help_text, extra = spec if isinstance(spec, tuple) else (spec, {})
+        for name in names:
+            help_text = docs.get(name, "").replace("%", "%%")
             value = getattr(shown, name)
             if value is not None and name not in ("preset", "pretrained"):
                 help_text += f" [{shown.preset}: {_shown(value)}]"
-            kw = dict(default=None, help=help_text, **extra)
+            kw = dict(default=None, help=help_text)
             elem, nargs = _flag_type(fields[name].type)
+            options = choices.get(name) or choices_of(types_[name])
             if elem is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
                 kw["type"] = elem
-                if "choices" not in extra:
-                    kw.setdefault("metavar", METAVARS[elem])
+                if options:
+                    kw["choices"] = list(options)
+                else:
+                    kw["metavar"] = FIELD_METAVARS.get(name, METAVARS[elem])
                 if nargs is not None:
                     kw["nargs"] = nargs
+            if name == "pretrained":
+                kw.update(required=True)
             group.add_argument("--" + name.replace("_", "-"), **kw)
 
 
@@ -310,21 +143,28 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument(
         "--config",
         metavar="FILE",
-        help="YAML or JSON file of fields (e.g. a run's config.yaml): the preset below it, "
-        "flags over it",
+        help="YAML or JSON file of fields (e.g. a run's config.yaml, which is its recipe: a new "
+        "run from it; --resume DIR continues that run): the preset below it, flags over it",
     )
     g.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved configuration as YAML and exit without training",
     )
-    add_config_flags(p, TrainConfig, TRAIN_FLAGS, PRESETS["mocov2"])
+    add_config_flags(p, TrainConfig, PRESETS["mocov2"], registry_choices())
     return p
 
 
 def cmd_train(args) -> int:
     cfg = config_from_args(args, PRESETS, "mocov2")
+    if args.config:
+        hint = run_dir_hint(args.config)
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
     if args.print_config:
+        from fastmoco.engine.plan import check_config
+
+        check_config(cfg)  # what is printed is a config that trains
         print(to_yaml(cfg), end="")
         return 0
     from fastmoco.engine.trainer import train
@@ -335,30 +175,39 @@ def cmd_train(args) -> int:
 
 # --- knn -------------------------------------------------------------------------------------
 
+PRETRAINED_HELP = (
+    "checkpoint file (fastmoco checkpoint.pt, official MoCo v1/v2/v3, torchvision ResNet, with "
+    "its .fastmoco.json sidecar if any) or run directory (its newest loadable checkpoint)"
+)
+OVERRIDE_HELP = (
+    "let a flag contradict what the checkpoint records (its crop size, normalisation, protocol); "
+    "refused otherwise"
+)
+
 
 def _knn_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "knn",
         help="weighted kNN top-1 of a checkpoint's encoder",
         description="Weighted kNN of a checkpoint's query backbone: DATA/train is the memory "
-        "bank, DATA/val the queries.",
+        "bank, DATA/val the queries. Crop, normalisation, k and t come from the checkpoint "
+        "(its training run's monitor) unless given; the first lines print each with its source.",
     )
     g = p.add_argument_group("what to evaluate")
-    g.add_argument(
-        "--pretrained",
-        required=True,
-        metavar="FILE",
-        help="checkpoint file: fastmoco checkpoint.pt, official MoCo, torchvision ResNet",
-    )
+    g.add_argument("--pretrained", required=True, metavar="PATH", help=PRETRAINED_HELP)
     g.add_argument(
         "--arch", metavar="NAME", help="backbone, for files that do not name one (else inferred)"
     )
+    g.add_argument("--override-checkpoint-settings", action="store_true", help=OVERRIDE_HELP)
     g = p.add_argument_group("data")
     g.add_argument(
         "--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: demo set)"
     )
     g.add_argument(
-        "--crop-size", type=int, metavar="N", help="eval crop (default: the checkpoint's, else 224)"
+        "--crop-size",
+        type=int,
+        metavar="N",
+        help="eval crop (default: the checkpoint's; else 224, or 32 for a small-image stem)",
     )
     g.add_argument(
         "--batch-size", type=int, default=256, metavar="N", help="extraction batch [256]"
@@ -366,7 +215,11 @@ def _knn_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, metavar="N", help="loader processes [4]")
     g = p.add_argument_group("kNN (default: the training run's monitor, so the numbers match)")
     g.add_argument(
-        "--k", type=int, metavar="N", help="neighbours [the checkpoint's knn_k, else 200]"
+        "--k",
+        type=int,
+        metavar="N",
+        help="neighbours, at most the bank's images [the checkpoint's knn_k, else 200; clamped "
+        "to the bank]",
     )
     g.add_argument(
         "--t", type=float, metavar="X", help="vote temperature [the checkpoint's knn_t, else 0.1]"
@@ -391,6 +244,7 @@ def cmd_knn(args) -> int:
         arch=args.arch,
         crop_size=args.crop_size,
         trust=args.trust_checkpoint,
+        override=args.override_checkpoint_settings,
     )
     print(f"kNN top-1: {top1:.2f}% ({args.pretrained})")
     return 0
@@ -404,20 +258,27 @@ def _lincls_parser(sub) -> argparse.ArgumentParser:
         "lincls",
         help="linear classification on a frozen pre-trained backbone",
         description=(
-            "Train a linear classifier on the frozen backbone of --pretrained with the MoCo "
-            "protocol, and report top-1/top-5 on DATA/val every epoch. Without --data: the "
-            "'demo' preset on the embedded demo set. A preset sets every value below; flags "
-            "override it. Values in brackets are the official preset's."
+            "Train a linear classifier on the frozen backbone of --pretrained and report "
+            "top-1/top-5 on DATA/val every epoch. Without --preset the protocol is chosen from "
+            "the checkpoint (a small-image model: small-images; method mocov3: moco-v3's "
+            "main_lincls.py recipe; else MoCo v1/v2's), and crop size and normalisation are the "
+            "checkpoint's; the first lines print every setting with its source. A flag or "
+            "--preset that contradicts the checkpoint is refused unless "
+            "--override-checkpoint-settings. Without --data: the checkpoint's demo set. Values "
+            "in brackets are the official preset's."
         ),
     )
-    add_config_flags(p, LinclsConfig, LINCLS_FLAGS, LINCLS_PRESETS["official"])
+    add_config_flags(p, LinclsConfig, LINCLS_PRESETS["official"])
     return p
 
 
 def cmd_lincls(args) -> int:
     from fastmoco.eval.lincls import lincls
 
-    lincls(config_from_args(args, LINCLS_PRESETS, "official"))
+    cfg = config_from_args(args, LINCLS_PRESETS, "official")
+    # the flags given, and --preset if it was: the rest yields to the checkpoint
+    explicit = given_fields(args, LinclsConfig) | ({"preset"} if args.preset else set())
+    lincls(cfg, explicit=explicit)
     return 0
 
 
@@ -435,13 +296,15 @@ def _export_parser(sub) -> argparse.ArgumentParser:
             "as fc.*), module.encoder_k.*, module.queue, plus 'arch', 'epoch', 'optimizer'. "
             "mocov3: facebookresearch/moco-v3's layout for its main_lincls.py, 'state_dict' "
             "with module.base_encoder.* (ViT in timm's names; projector as fc.* or head.*), "
-            "module.momentum_encoder.*, module.predictor.*, plus 'arch', 'epoch'."
+            "module.momentum_encoder.*, module.predictor.*, plus 'arch', 'epoch'. Beside every "
+            "file: OUT.fastmoco.json, the settings it was trained with (arch, stem, crop, "
+            "normalisation, method, epoch, source, sha256), which knn and lincls read."
         ),
     )
     g = p.add_argument_group("export")
-    g.add_argument("--pretrained", required=True, help="checkpoint file to read")
+    g.add_argument("--pretrained", required=True, metavar="PATH", help=PRETRAINED_HELP)
     g.add_argument("--format", required=True, choices=FORMATS, dest="fmt", help="layout to write")
-    g.add_argument("--out", required=True, help="file to write")
+    g.add_argument("--out", required=True, help="file to write (and OUT.fastmoco.json beside it)")
     g.add_argument("--arch", help="architecture, for files that do not name one")
     g.add_argument("--force", action="store_true", help="replace an existing --out file")
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
@@ -449,7 +312,7 @@ def _export_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from fastmoco.engine.checkpoint_io import describe, export_checkpoint
+    from fastmoco.engine.checkpoint_io import describe, export_checkpoint, sidecar_path
 
     path, p, note = export_checkpoint(
         args.pretrained,
@@ -461,6 +324,7 @@ def cmd_export(args) -> int:
     )
     print(describe(p))
     print(f"wrote {path} ({args.fmt} layout, {p.arch}): {note}")
+    print(f"wrote {sidecar_path(path)}: the settings, for fastmoco knn / lincls")
     return 0
 
 
@@ -564,7 +428,7 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_bench(args) -> int:
-    from fastmoco.engine.step_bench import parse_size, run_bench
+    from fastmoco.experiments.step_bench import parse_size, run_bench
 
     try:
         sizes = [parse_size(s) for s in args.size] if args.size else None
@@ -600,19 +464,25 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastmoco", description="Fast MoCo (Momentum Contrast) training engine."
+        prog="fastmoco",
+        description="Fast MoCo (Momentum Contrast) training engine. `fastmoco train` with no "
+        "arguments trains the demo; `fastmoco COMMAND --help` is each command's manual.",
     )
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.add_argument("--version", action="version", version=f"fastmoco {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     for make_parser, _ in COMMANDS.values():
         make_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # bare `fastmoco`: the manual, not an error
+        parser.print_help()
+        return 0
     from fastmoco.engine.distributed import is_rank0_process
     from fastmoco.engine.guard import NonFiniteError
-    from fastmoco.engine.trainer import Interrupted
 
     # under torchrun every process runs this: rank 0 alone speaks for the run
     say = is_rank0_process()
@@ -623,6 +493,10 @@ def main(argv=None) -> int:
             print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
+        if say:
+            print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except EnvironmentFault as e:  # disk, memory or network: requeue with --resume
         if say:
             print(f"fastmoco {args.cmd}: error: {e}", file=sys.stderr)
         return e.exit_code

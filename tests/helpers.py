@@ -1,5 +1,5 @@
 """Helpers shared by the tests: one mismatch printer, the relative-error check, and the
-allocation tracker (built on fastmoco.engine.memory, which the benchmarks use too).
+allocation tracker (built on fastmoco.experiments.measure, which the benchmarks use too).
 
 Comparisons against a float64 reference use the relative norm error
 ||out - ref|| / ||ref||: an all-zero or uniformly scaled result fails it, where an
@@ -9,7 +9,7 @@ absolute tolerance sized for the largest element can let a tiny gradient through
 import pytest
 import torch
 
-from fastmoco.engine.memory import LiveStorageBytes
+from fastmoco.experiments.measure import LiveStorageBytes
 
 
 def mismatch_report(actual, expected, bad, name, show=5) -> str:

@@ -28,10 +28,11 @@ def _randomise_bn_stats(module: nn.Module, g: torch.Generator) -> None:
             m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
 
 
-def fastmoco_checkpoint(path, arch="resnet18", mlp_hidden=32, small_images=False, K=40):
-    """A checkpoint.pt in the trainer's layout (Trainer.state()), without training."""
+def fastmoco_checkpoint(path, arch="resnet18", mlp_hidden=32, small_images=False, K=40, **config):
+    """A checkpoint.pt in the trainer's layout (Trainer.state()), without training; config:
+    more TrainConfig fields it records (crop_size, mean, ...)."""
     cfg = TrainConfig(
-        arch=arch, dim=16, mlp_hidden=mlp_hidden, queue_size=K, small_images=small_images
+        arch=arch, dim=16, mlp_hidden=mlp_hidden, queue_size=K, small_images=small_images, **config
     )
     torch.manual_seed(0)
     model = MoCo(arch, dim=16, K=K, mlp_hidden=mlp_hidden, small_images=small_images)

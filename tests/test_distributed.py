@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastmoco.engine.distributed import launch
-from fastmoco.eval.knn import build_knn_loaders, extract_features, knn_accuracy
+from fastmoco.engine.knn import build_knn_loaders, extract_features, knn_accuracy
 from fastmoco.models import MoCo, build_backbone
 from fastmoco.ops.distributed import world
 
@@ -116,7 +116,8 @@ def test_trainer_on_two_ranks(tmp_path, tiny_data):
     """The whole trainer under DDP on 2 gloo ranks: sharded data, gathered keys, one writer."""
     from conftest import tiny_train_config as tiny_cfg
 
-    from fastmoco.engine.trainer import RunPlan, _train_rank
+    from fastmoco.engine.plan import RunPlan
+    from fastmoco.engine.trainer import _train_rank
 
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_data, out, epochs=1)

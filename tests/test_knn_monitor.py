@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmoco.config import TrainConfig
-from fastmoco.eval.knn import (
+from fastmoco.engine.knn import (
     KNN_SHARE,
     _top_k,
     bank_indices,

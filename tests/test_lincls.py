@@ -15,6 +15,10 @@ from fastmoco.engine.distributed import launch
 from fastmoco.eval.lincls import LinclsConfig, LinearProbe, _lincls_rank, lincls
 from fastmoco.models import MoCo
 
+# What the test checkpoints record: the 16-px crops the probes below run at (a probe at
+# another crop than the checkpoint's is refused without --override-checkpoint-settings).
+TINY = dict(arch="resnet-tiny", crop_size=16)
+
 
 def probe_cfg(pretrained, data, out, **kw) -> LinclsConfig:
     base = LinclsConfig(
@@ -42,7 +46,7 @@ def _backbone(sd: dict) -> dict:
 def test_backbone_frozen_protocol_and_exact_resume(tiny_data, tmp_path):
     """BN statistics included, the backbone is bit-identical after training (bf16 autocast
     and channels_last on); only fc is optimised; lr x0.1 at the step; resume is exact."""
-    src = fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")  # random BN stats
+    src = fastmoco_checkpoint(tmp_path / "pre.pt", **TINY)  # random BN stats
     want = {k[len("backbone.") :]: v for k, v in src["encoder_q"].items() if "backbone." in k}
     opts = dict(amp=True, channels_last=True)
     res = lincls(probe_cfg(tmp_path / "pre.pt", tiny_data, tmp_path / "full", **opts))
@@ -72,7 +76,7 @@ def test_backbone_frozen_protocol_and_exact_resume(tiny_data, tmp_path):
 
 def test_sanity_check_catches_bn_in_train_mode(tiny_data, tmp_path):
     """The check can fail: with BN left in train mode, its running statistics move."""
-    fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")
+    fastmoco_checkpoint(tmp_path / "pre.pt", **TINY)
     probe = LinearProbe(
         probe_cfg(tmp_path / "pre.pt", tiny_data, tmp_path / "o"), tiny_data, tmp_path / "o"
     )
@@ -108,7 +112,7 @@ def test_official_checkpoint_in_lincls_and_knn(tiny_data, tmp_path, capsys):
 
 
 def test_cli_errors(tiny_data, tmp_path, capsys):
-    fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")
+    fastmoco_checkpoint(tmp_path / "pre.pt", **TINY)
     base = ["lincls", "--pretrained", str(tmp_path / "pre.pt"), "--workers", "0"]
     base += ["--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"]
     code = main([*base, "--data", str(tiny_data / "train")])
@@ -119,14 +123,14 @@ def test_cli_errors(tiny_data, tmp_path, capsys):
     code = main([*base, "--data", str(tiny_data), "--arch", "resnet50"])
     assert code == 2 and "drop --arch" in capsys.readouterr().err
     code = main([*base[:2], str(tiny_data), *base[3:], "--data", str(tiny_data)])
-    assert code == 2 and "cannot read checkpoint" in capsys.readouterr().err
+    assert code == 2 and "a directory with no checkpoint.pt" in capsys.readouterr().err
 
 
 def test_two_ranks_match_one_process(tiny_data, tmp_path):
     """--gpus 2 semantics on gloo: each rank half the global batch, fc's gradients
     all-reduced by DDP, val counts summed: the same fc and accuracies as one process."""
-    fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")
     norm = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
+    fastmoco_checkpoint(tmp_path / "pre.pt", **TINY, **norm)
     one = probe_cfg(tmp_path / "pre.pt", tiny_data, tmp_path / "w1", epochs=1, **norm)
     lincls(one)
     two = one.replace(out=str(tmp_path / "w2"), gpus=2)
@@ -212,7 +216,7 @@ def test_named_sets_and_unlabelled_splits(tmp_path, capsys, monkeypatch):
 
     _skip_md5(monkeypatch)
     write_cifar10(tmp_path / "cifar")
-    fastmoco_checkpoint(tmp_path / "pre.pt", arch="resnet-tiny")
+    fastmoco_checkpoint(tmp_path / "pre.pt", **TINY)
     data = f"cifar10:{tmp_path / 'cifar'}"
     res = lincls(probe_cfg(tmp_path / "pre.pt", data, tmp_path / "c", batch_size=8))
     assert len(res["history"]) == 2 and 0 <= res["history"][-1]["top1"] <= 100

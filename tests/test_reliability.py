@@ -22,8 +22,9 @@ from fastmoco.engine import checkpoint as ckpt
 from fastmoco.engine import train
 from fastmoco.engine.distributed import launch
 from fastmoco.engine.guard import NonFiniteError, all_finite
-from fastmoco.engine.trainer import Trainer, check_queue_vs_data
+from fastmoco.engine.trainer import Trainer
 from fastmoco.errors import UsageError
+from fastmoco.models import MoCo
 
 FAST = dict(epochs=1, knn_every=0)  # 4 steps of batch 8 on tiny_data, no kNN
 
@@ -102,7 +103,7 @@ def test_torn_checkpoint_falls_back_to_previous(tiny_data, tmp_path, capsys):
     damages.append(bytes(rng.randrange(256) for _ in range(4096)))
     for damaged in damages:
         newest.write_bytes(damaged)
-        path, state = ckpt.newest_loadable(out)
+        path, state = ckpt.newest_loadable(out, set_aside_unreadable=False)
         assert path == prev and state["global_step"] == 3, len(damaged)
         assert f"skipping {newest}" in capsys.readouterr().err
     newest.unlink()
@@ -282,10 +283,12 @@ def test_lock_of_a_dead_run_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=-1)
     lock_file = tmp_path / ckpt.LOCK_NAME
     lock_file.write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout)}))
-    ckpt.RunLock().acquire(tmp_path)  # its owner is gone: taken over
-    lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    taken = ckpt.RunLock()
+    taken.acquire(tmp_path)  # its owner is gone: taken over
+    lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # held, named so
     with pytest.raises(UsageError, match="host elsewhere"):
         ckpt.RunLock().acquire(tmp_path)
+    taken.release()
 
 
 # --- outputs not overwritten (point 12) -----------------------------------------------------
@@ -321,11 +324,11 @@ def test_resume_uses_the_checkpoint_config(tiny_data, tmp_path, capsys):
 def test_queue_against_training_set_size(capsys):
     cfg = TrainConfig(queue_size=4096)
     with pytest.raises(UsageError, match="4096 is at least the 4000 training images"):
-        check_queue_vs_data(cfg, 4000)
-    check_queue_vs_data(cfg.replace(allow_repeated_negatives=True), 4000)
-    check_queue_vs_data(cfg, 10000)
+        MoCo.check_data(cfg, 4000)
+    MoCo.check_data(cfg.replace(allow_repeated_negatives=True), 4000)
+    MoCo.check_data(cfg, 10000)
     assert "41% of the 10000" in capsys.readouterr().out
-    check_queue_vs_data(cfg, 50000)  # 8%, the official CIFAR demo's share: silent
+    MoCo.check_data(cfg, 50000)  # 8%, the official CIFAR demo's share: silent
     assert capsys.readouterr().out == ""
 
 

@@ -7,7 +7,8 @@ from conftest import tiny_train_config
 from fastmoco.cli import build_parser, config_from_args
 from fastmoco.config import PRESETS, TrainConfig
 from fastmoco.engine import train
-from fastmoco.engine.notices import loader_notice, lr_notice, shuffle_bn_notice
+from fastmoco.engine.notices import loader_notice, lr_notice
+from fastmoco.models import MoCo, MoCoV3
 
 
 def test_run_prints_lr_and_one_group_warning_and_writes_config(tiny_data, tmp_path, capsys):
@@ -18,7 +19,9 @@ def test_run_prints_lr_and_one_group_warning_and_writes_config(tiny_data, tmp_pa
     assert "warning: shuffle BN on one device with one BN group shuffles nothing" in out
     assert "--bn-splits 8" in out
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert TrainConfig.from_dict(written) == cfg
+    assert TrainConfig.from_dict(written).recipe_dict() == cfg.recipe_dict()
+    # the recipe only: what to resume, overwrite or trust is never written down
+    assert not {"out", "resume", "force", "trust_checkpoint"} & set(written)
 
 
 def test_lr_scaling_semantics():
@@ -36,12 +39,18 @@ def test_lr_scaling_semantics():
 
 
 def test_shuffle_bn_warning_only_when_it_does_nothing():
-    one = TrainConfig(method="moco", shuffle_bn=True, bn_splits=1)
-    assert shuffle_bn_notice(one, world_size=1) is not None
-    assert shuffle_bn_notice(one, world_size=2) is None
-    assert shuffle_bn_notice(one.replace(bn_splits=8), world_size=1) is None
-    assert shuffle_bn_notice(one.replace(shuffle_bn=False), world_size=1) is None
-    assert shuffle_bn_notice(PRESETS["mocov3"], world_size=1) is None  # no shuffle BN in v3
+    """MoCo says it (its notices()); the trainer prints what the method says."""
+
+    def notes(world_size=1, **kw):
+        args = dict(dim=8, K=64, mlp_hidden=0, small_images=True, shuffle_bn=True, bn_splits=1)
+        return MoCo("resnet-tiny", **{**args, **kw}).notices(world_size)
+
+    assert notes() and "shuffles nothing" in notes()[0]
+    assert notes(world_size=2) == []
+    assert notes(bn_splits=8) == []
+    assert notes(shuffle_bn=False) == []
+    v3 = MoCoV3("resnet-tiny", dim=8, mlp_dim=16, small_images=True)
+    assert v3.notices(1) == []  # no shuffle BN in v3
     assert PRESETS["cifar"].bn_splits == 8  # the official demo's simulated GPUs
 
 

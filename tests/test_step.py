@@ -9,9 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmoco.config import TrainConfig
-from fastmoco.engine.optim import build_optimizer
+from fastmoco.engine.optim import build_optimizer, ema_weight_at, lr_at, momentum_at
 from fastmoco.engine.step import TrainStep, graph_plan, resolve_channels_last
-from fastmoco.engine.trainer import lr_at, momentum_at
 from fastmoco.errors import UsageError
 from fastmoco.models import build_model
 
@@ -24,7 +23,7 @@ CASES = {
         method="moco", mlp_hidden=0, schedule="step", lr_steps=(1,), queue_size=64, bn_splits=2
     ),
     # v2: MLP head, cosine with half an epoch of warm-up
-    "mocov2": dict(method="moco", queue_size=64, bn_splits=2, warmup_epochs=0.5),
+    "mocov2": dict(method="moco", queue_size=64, bn_splits=2, warmup_epochs=0.5, lr_update="step"),
     # v3 ResNet: LARS, momentum on its cosine schedule
     "mocov3": dict(method="mocov3", optimizer="lars", moco_m=0.9, moco_m_cos=True, lr=0.6),
     # v3 ViT: AdamW, 16 px crops (one patch), momentum schedule (a 2-block ViT: small_vit)
@@ -63,7 +62,7 @@ def _batches(cfg, n=STEPS, device="cpu"):
 
 def _build(cfg, device="cpu"):
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_samples=NUM_SAMPLES).to_device(torch.device(device)).train()
+    model = build_model(cfg, num_samples=NUM_SAMPLES).to(torch.device(device)).train()
     opt = build_optimizer(
         cfg.optimizer,
         model.encoder_q.parameters(),
@@ -85,9 +84,9 @@ def _index_for(model, index):
 
 def plain_loop(cfg, batches):
     """The trainer's step before the step object: the lr as a Python float written into the
-    optimizer, the momentum filled from the host, the method's update after the step."""
+    optimizer, the EMA weight 1 - m filled from the host, the method's update after the step."""
     model, opt = _build(cfg)
-    momentum_t = torch.tensor(float(cfg.moco_m))
+    weight_t = torch.tensor(1 - float(cfg.moco_m))
     for t, (x_q, x_k, index) in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, t, PER_EPOCH)
@@ -96,11 +95,11 @@ def plain_loop(cfg, batches):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        m = None
+        w = None
         if cfg.moco_m_cos:
-            m = momentum_t
-            m.fill_(momentum_at(cfg, t, PER_EPOCH))
-        model.after_step(aux, index, m)
+            w = weight_t
+            w.fill_(ema_weight_at(cfg, t, PER_EPOCH))
+        model.after_step(aux, index, w)
     return model, opt
 
 
@@ -111,8 +110,8 @@ def step_object(cfg, batches, device="cpu", cuda_graph="off"):
         cuda_graph=cuda_graph,
     )  # fmt: skip
     for t, (x_q, x_k, index) in enumerate(batches):
-        m = momentum_at(cfg, t, PER_EPOCH) if cfg.moco_m_cos else None
-        step(x_q, x_k, _index_for(model, index), lr=lr_at(cfg, t, PER_EPOCH), momentum=m)
+        w = ema_weight_at(cfg, t, PER_EPOCH) if cfg.moco_m_cos else None
+        step(x_q, x_k, _index_for(model, index), lr=lr_at(cfg, t, PER_EPOCH), ema_weight=w)
     return model, opt, step
 
 
@@ -179,8 +178,8 @@ def test_the_step_never_reads_the_device(name):
     batches = _batches(cfg, n=3)
     with NoHostSync():
         for t, (x_q, x_k, index) in enumerate(batches):
-            m = momentum_at(cfg, t, PER_EPOCH) if cfg.moco_m_cos else None
-            step(x_q, x_k, _index_for(model, index), lr=0.1 * (t + 1), momentum=m)
+            w = ema_weight_at(cfg, t, PER_EPOCH) if cfg.moco_m_cos else None
+            step(x_q, x_k, _index_for(model, index), lr=0.1 * (t + 1), ema_weight=w)
     with pytest.raises(AssertionError, match="host sync"), NoHostSync():
         float(step.lr)  # the detector does detect
 
@@ -193,9 +192,9 @@ def test_lars_reads_its_lr_tensor():
     assert step.lr_on_device and all(g["lr"] is step.lr for g in opt.param_groups)
     x_q, x_k, _ = _batches(cfg, n=1)[0]
     before = [p.clone() for p in model.encoder_q.parameters()]
-    step(x_q, x_k, lr=0.0, momentum=0.9)
+    step(x_q, x_k, lr=0.0, ema_weight=0.1)
     assert all(torch.equal(a, p) for a, p in zip(before, model.encoder_q.parameters(), strict=True))
-    step(x_q, x_k, lr=0.5, momentum=0.9)
+    step(x_q, x_k, lr=0.5, ema_weight=0.1)
     assert any(
         not torch.equal(a, p) for a, p in zip(before, model.encoder_q.parameters(), strict=True)
     )
@@ -248,6 +247,42 @@ def test_queue_dtype_follows_amp_and_feeds_the_loss_in_it(monkeypatch):
     assert torch.isfinite(loss)
     model.after_step(k)
     assert int(model.queue_ptr) == amp.batch_size
+
+
+def test_mocov3_feeds_the_loss_keys_in_the_queries_dtype(monkeypatch):
+    """Under bf16 AMP MoCo v3's keys (normalised in fp32) reach info_nce as bf16, the
+    queries' dtype: the fused kernel's tensor-core path, not its mixed fp32 one."""
+    import fastmoco.models.mocov3 as mocov3
+
+    seen, real = [], mocov3.info_nce
+
+    def spy(q, k, queue, *args, **kw):
+        seen.append((q.dtype, k.dtype, queue))
+        return real(q, k, queue, *args, **kw)
+
+    monkeypatch.setattr(mocov3, "info_nce", spy)
+    cfg = _config("mocov3").replace(amp=True)
+    model = build_model(cfg)
+    x1, x2, _ = _batches(cfg, n=1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = model(x1, x2)
+    assert seen == [(torch.bfloat16, torch.bfloat16, None)] * 2, seen
+    assert torch.isfinite(loss)
+
+
+def test_adam_without_capturable_is_refused_for_a_graph():
+    """torch's capture health check refuses Adam/AdamW whose step count lives on the host:
+    graph_capturable says so at planning (build_optimizer sets capturable on CUDA)."""
+    from fastmoco.engine.optim import graph_capturable
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    lr = torch.tensor(1e-3)
+    host_step = torch.optim.AdamW(params, lr=lr, fused=True, capturable=False)
+    assert "capturable=True" in graph_capturable(host_step)
+    assert graph_capturable(torch.optim.AdamW(params, lr=lr, fused=True, capturable=True)) is None
+    assert "Python float" in graph_capturable(torch.optim.SGD(params, lr=0.1))
+    _, opt = _build(_config("mocov3-vit"))  # built for the CPU: a float lr, no capturable
+    assert isinstance(opt, torch.optim.AdamW) and graph_capturable(opt) is not None
 
 
 def test_bench_command_errors_and_help(capsys, tmp_path):
@@ -374,3 +409,122 @@ def _nccl_rank(rank, world_size, out):
         state = {k: v.cpu() for k, v in copy.deepcopy(model.state_dict()).items()}
         torch.save(state, os.path.join(out, f"{name}{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _fail_while_capturing(model, monkeypatch) -> list[int]:
+    """Make the method's update raise while a CUDA graph is being captured (the end of the
+    step's body: the forward with its random draws, the backward into the graph's pool and
+    the optimizer step are recorded by then); returns the list the failures are counted in."""
+    failures, real = [], model.after_step
+
+    def after_step(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            failures.append(1)
+            raise RuntimeError("planted capture failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "after_step", after_step)
+    return failures
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["mocov2", "membank"])
+def test_a_failed_capture_continues_as_the_eager_run(name, monkeypatch):
+    """cuda_graph="auto" and a capture that fails half-way (issue point 7): the step gives
+    up the graph, and its next eager steps are those of a run that never tried. The random
+    streams are back where they were before the attempt (mocov2's shuffle-BN permutation,
+    membank's sampled negatives: their next draws equal the plain run's, and so does the
+    CUDA generator's state), no gradient of the aborted graph's pool is used, the queue
+    and its pointer match."""
+    cfg = _config(name)
+    batches = _batches(cfg, device="cuda")
+    want_model, want_opt, _ = step_object(cfg, batches, device="cuda", cuda_graph="off")
+    want_rng = torch.cuda.get_rng_state()
+
+    model, opt = _build(cfg, "cuda")
+    start = [p.detach().clone() for p in model.encoder_q.parameters()]
+    failures = _fail_while_capturing(model, monkeypatch)
+    step = TrainStep(model, opt, device=torch.device("cuda"), cuda_graph="auto")
+    assert step.use_graph  # the plan was to capture
+    for t, (x_q, x_k, index) in enumerate(batches):
+        step(x_q, x_k, _index_for(model, index), lr=lr_at(cfg, t, PER_EPOCH))
+    torch.cuda.synchronize()
+    assert failures == [1] and not step.use_graph and step._graph is None
+    assert step.reason.startswith("capture failed (RuntimeError: planted capture failure)")
+
+    assert torch.equal(torch.cuda.get_rng_state(), want_rng)
+    for got_gen, want_gen in zip(model.generators(), want_model.generators(), strict=True):
+        assert torch.equal(got_gen.get_state(), want_gen.get_state())
+        draw = lambda g: torch.randperm(1000, device="cuda", generator=g)  # noqa: E731
+        assert torch.equal(draw(got_gen), draw(want_gen))
+    got, want = _state(model, opt), _state(want_model, want_opt)
+    assert got.keys() == want.keys()
+    for k in want:
+        if want[k].is_floating_point() and want[k].norm() > 0:
+            assert _rel_err(got[k], want[k]) < 1e-4, k
+        else:
+            assert torch.equal(got[k], want[k]), k
+    # the updates themselves, not only the parameters they were added to
+    moved = [p.detach() - s for p, s in zip(model.encoder_q.parameters(), start, strict=True)]
+    want_moved = [p.detach() - s for p, s in zip(want_model.encoder_q.parameters(), start,
+                                                 strict=True)]  # fmt: skip
+    assert _rel_err(torch.cat([m.flatten() for m in moved]),
+                    torch.cat([m.flatten() for m in want_moved])) < 1e-3  # fmt: skip
+
+
+def test_ranks_agree_to_stop_when_a_capture_failed_on_one(tmp_path):
+    """TrainStep._agree under two gloo ranks: rank 0's capture fails, rank 1's succeeds,
+    and both stop with one line naming rank 0 (NCCL needs every rank of a communicator to
+    capture alike: neither may go on alone, and an eager fallback after a partial capture
+    is not a path NCCL promises); when both captures succeed, both replay. The capture and
+    the replay are stand-ins (no CUDA here): the agreement and the stop are real."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    one_failed = [g["one failed"] for g in got]
+    assert all(g["ran"] == "stopped" for g in one_failed)
+    for g in one_failed:
+        assert "failed on rank(s) 0" in g["error"] and "--cuda-graph off" in g["error"]
+    assert "planted capture failure on rank 0" in one_failed[0]["error"]
+    both_ok = [g["both ok"] for g in got]
+    assert [g["ran"] for g in both_ok] == ["replay", "replay"]
+    assert all(g["use_graph"] for g in both_ok)
+
+
+def _agree_rank(rank, world_size, out):
+    import torch.distributed as dist
+
+    store = f"file://{os.path.join(out, 'store')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size)
+    cfg = _config("mocov2")
+    x_q, x_k, _ = _batches(cfg, n=1)[0]
+    record = {}
+    try:
+        for case, failing in (("one failed", {0}), ("both ok", set())):
+            model, opt = _build(cfg)
+            step = TrainStep(model, opt, device=torch.device("cpu"), warmup_steps=0)
+            # as on CUDA after the warm-up, with this rank's capture failing or not
+            step.use_graph, step.reason = True, "the whole step is captured"
+            ran = []
+
+            def capture(*_, step=step, fails=rank in failing):
+                if fails:
+                    raise RuntimeError(f"planted capture failure on rank {rank}")
+                step._graph = "captured"
+
+            def replay(*_, ran=ran):
+                ran.append("replay")
+                return torch.zeros(()), None
+
+            step._capture, step._replay = capture, replay
+            try:
+                step(x_q, x_k, lr=0.03)
+            except UsageError as e:
+                record[case] = dict(ran="stopped", error=str(e))
+                continue
+            record[case] = dict(use_graph=step.use_graph, ran=ran[0] if ran else "eager")
+        torch.save(record, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

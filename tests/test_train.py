@@ -16,13 +16,17 @@ from fastmoco.engine import Interrupted, lr_at, train
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=0.03, batch_size=512, epochs=10, warmup_epochs=2)
-    assert lr_at(cfg, 0, 100) == pytest.approx(0.06 * 1 / 200)
-    assert lr_at(cfg, 199, 100) == pytest.approx(0.06)
+    """moco-v3's per-step rule: base * e / warmup at the step's fractional epoch e (0 at the
+    first step), then the half cosine; v1's steps at whole epochs."""
+    cfg = TrainConfig(lr=0.03, batch_size=512, epochs=10, warmup_epochs=2, lr_update="step")
+    assert lr_at(cfg, 0, 100) == 0.0
+    assert lr_at(cfg, 1, 100) == pytest.approx(0.06 * 0.01 / 2)
+    assert lr_at(cfg, 199, 100) == pytest.approx(0.06 * 1.99 / 2)
     assert lr_at(cfg, 200, 100) == pytest.approx(0.06)
     assert lr_at(cfg, 600, 100) == pytest.approx(0.06 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
-    step = cfg.replace(schedule="step", warmup_epochs=0, lr_steps=(3, 6))
+    step = cfg.replace(schedule="step", warmup_epochs=0, lr_steps=(3, 6), lr_update="epoch")
     assert [lr_at(step, e * 100, 100) for e in (0, 3, 6)] == pytest.approx([0.06, 0.006, 0.0006])
+    assert lr_at(step, 299, 100) == pytest.approx(0.06)  # the epoch's lr until its end
 
 
 def test_train_writes_run(tiny_data, tmp_path):
@@ -40,7 +44,8 @@ def test_train_writes_run(tiny_data, tmp_path):
     assert ck["epoch"] == 2 and ck["global_step"] == 2 * 4
     # 8 steps x 8 keys into K=64: the pointer went round once and is back at 0
     assert int(ck["queue_ptr"]) == 0
-    assert TrainConfig.from_dict(ck["config"]) == tiny_cfg(tiny_data, out)
+    # the recipe: out, resume, force and trust_checkpoint come from the command line only
+    assert ck["config"] == tiny_cfg(tiny_data, out).recipe_dict()
 
 
 def test_train_amp_channels_last_and_knn_command(tiny_data, tmp_path, capsys):

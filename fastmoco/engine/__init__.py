@@ -1,3 +1,6 @@
-from .trainer import Interrupted, Trainer, lr_at, train
+from fastmoco.errors import Interrupted
+
+from .optim import lr_at
+from .trainer import Trainer, train
 
 __all__ = ["Interrupted", "Trainer", "lr_at", "train"]

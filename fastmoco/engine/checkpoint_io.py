@@ -15,16 +15,34 @@ What `--pretrained` accepts (the layout is detected from the keys, never from th
     torchvision  a ResNet state_dict (conv1.weight, layer1.0..., fc.*), bare or under
                  'state_dict', with or without DDP's 'module.' prefix; fc.* is dropped.
 
+`--pretrained` also takes a run directory: its newest checkpoint that loads (the chain
+checkpoint.pt, checkpoint.prev.pt, ..., as --resume walks it; nothing there is renamed,
+since a run may still own the directory).
+
 Every layout is read into one `Pretrained` record whose `backbone` dict has exactly the keys
 of `build_backbone(arch)`: for torchvision ResNets that is torchvision's own naming minus
 fc, which is why export to torchvision is a plain copy and re-import is bit-exact.
 The architecture comes from the file (fastmoco's config, MoCo's 'arch'), else from --arch,
 else from the keys themselves (block counts per stage, bottleneck or basic blocks); the
 small-image stem (3x3 conv1, no max-pool) is read off conv1's kernel.
+
+Settings (`settings_of`): what the file records about how its encoder was trained (crop
+size, normalisation, stem, method, the run's kNN monitor) and where that came from, so
+that knn and lincls evaluate it as it was trained and say so. A fastmoco checkpoint.pt
+records them in its 'config'; the moco and mocov3 exports in 'fastmoco_config'; a
+torchvision export is a plain state_dict and carries them in a sidecar, FILE.fastmoco.json,
+which `export` writes beside every file it writes. The sidecar is read only for files that
+carry no settings inside, and is input like any other: every field is type- and
+range-checked, its arch and stem must be the weights' own, and its sha256 must be the
+file's (a file replaced after export is not described by the old sidecar).
 """
 
+import hashlib
+import json
+import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +50,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastmoco.config import check_type
 from fastmoco.data import IMAGENET_MEAN, IMAGENET_STD
-from fastmoco.engine.checkpoint import load_checkpoint, remove_stale_temps, save_atomic
+from fastmoco.engine.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    existing_chain,
+    load_checkpoint,
+    newest_loadable,
+    remove_stale_temps,
+    save_atomic,
+)
 from fastmoco.engine.guard import all_finite
 from fastmoco.errors import UsageError
-from fastmoco.models import ALL_ARCHS, VIT_ARCHS, build_backbone, build_vit
+from fastmoco.models import ALL_ARCHS, METHODS, VIT_ARCHS, build_backbone, build_vit
 from fastmoco.models.vit import vit_arch_of, vit_from_mocov3, vit_image_size, vit_to_mocov3
 
 LAYOUTS = ("fastmoco", "moco", "mocov3", "torchvision")
 FORMATS = ("torchvision", "moco", "mocov3")
+SIDECAR_SUFFIX = ".fastmoco.json"
+SIDECAR_VERSION = 1
+# The flag that lets a flag or preset contradict what the checkpoint records.
+OVERRIDE_FLAG = "--override-checkpoint-settings"
 
 # (bottleneck blocks, blocks per stage) -> torchvision architecture
 _RESNET_SHAPES = {
@@ -75,6 +106,8 @@ class Pretrained:
     epoch: int | None = None
     config: dict | None = None  # fastmoco TrainConfig as a dict, when the file has one
     dropped: dict[str, list[str]] = field(default_factory=dict)
+    config_source: str | None = None  # "checkpoint" or "sidecar" (where config came from)
+    requested: str | None = None  # the run directory --pretrained named, if it was one
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -155,21 +188,53 @@ def _check_arch(found: str | None, arch: str | None, path) -> str | None:
     return found or arch
 
 
+def open_pretrained(path: str | Path, trust: bool = False) -> tuple[Path, dict]:
+    """(file, loaded object) of --pretrained: a checkpoint file, or a run directory's newest
+    checkpoint that loads (those skipped are named on stderr with their reason; none is set
+    aside: the directory may belong to a run still writing it)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, load_checkpoint(path, trust)
+    if not existing_chain(path):
+        raise UsageError(
+            f"--pretrained {path}: a directory with no {CHECKPOINT_NAME} (nor an older "
+            "checkpoint.prev*.pt); give a checkpoint file, or the directory of a run that saved one"
+        )
+
+    def log(*args, **kw):  # every line about the chain to stderr: stdout is the report
+        print(*args, **{**kw, "file": sys.stderr})
+
+    try:
+        return newest_loadable(path, trust, log=log, set_aside_unreadable=False)
+    except CheckpointError:  # one needs --trust-checkpoint: its message says so
+        raise
+    except UsageError:
+        raise UsageError(
+            f"--pretrained {path}: none of its checkpoints loads (each is named above with "
+            "why); give a readable checkpoint file"
+        ) from None
+
+
 def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = False) -> Pretrained:
-    """Read any supported checkpoint file into a Pretrained record (see the module doc).
+    """Read any supported checkpoint file (or a run directory's newest) into a Pretrained
+    record (see the module doc), its settings from the file, else from its sidecar.
     trust: unpickle fully (--trust-checkpoint); otherwise tensors and containers only."""
-    obj = load_checkpoint(path, trust)
+    requested = str(path) if Path(path).is_dir() else None
+    path, obj = open_pretrained(path, trust)
     layout = detect_layout(obj)
-    fields: dict = {"dropped": {}}
+    fields: dict = {"dropped": {}, "requested": requested}
     if layout == "fastmoco":
-        cfg = obj["config"]
+        cfg = checked_settings(obj["config"], f"{path}: config")
+        fields["config_source"] = "checkpoint"
         found = _check_arch(cfg.get("arch"), arch, path)
         backbone = _strip(obj["encoder_q"], "backbone.")
         head = _strip(obj["encoder_q"], "head.")
         predictor = _strip(obj["encoder_q"], "predictor.")
+        # the key (momentum) encoder: by name, or inside "model" in v3 checkpoints of before
+        encoder_k = obj.get("encoder_k") or _strip(obj.get("model") or {}, "encoder_k.") or None
         fields.update(
             head=head,
-            encoder_k=obj.get("encoder_k"),
+            encoder_k=encoder_k,
             predictor=predictor or None,
             queue=obj.get("queue"),
             queue_ptr=obj.get("queue_ptr"),
@@ -186,7 +251,7 @@ def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = Fal
                 for k in obj["encoder_q"]
                 if not k.startswith(("backbone.", "head.", "predictor."))
             ],
-            "key encoder": [f"encoder_k.{k}" for k in obj.get("encoder_k") or {}],
+            "key encoder": [f"encoder_k.{k}" for k in encoder_k or {}],
             "queue": [k for k in ("queue", "queue_ptr") if obj.get(k) is not None],
         }
     else:
@@ -196,6 +261,9 @@ def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = Fal
         pre = "module." if wrapped else ""
         found = _check_arch(obj.get("arch") if "state_dict" in obj else None, arch, path)
         extra = obj.get("fastmoco_config") if isinstance(obj.get("fastmoco_config"), dict) else None
+        if extra is not None:
+            extra = checked_settings(extra, f"{path}: fastmoco_config")
+            fields["config_source"] = "checkpoint"
         if layout == "moco":
             backbone, head = _split_head(_strip(state, "encoder_q."), "fc.")
             key_backbone, key_head = _split_head(_strip(state, "encoder_k."), "fc.")
@@ -256,14 +324,21 @@ def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = Fal
         other = [f"{pre}{k}" for k in state if k not in used]
         if other:
             fields["dropped"]["not part of the query encoder"] = other
+        if extra is None:  # a file without settings inside: its sidecar's, if any
+            extra = read_sidecar(path, backbone)
+            if extra is not None:
+                fields.update(config=extra, config_source="sidecar")
+                if fields.get("epoch") is None:
+                    fields["epoch"] = extra.get("epoch")
+                found = _check_arch(found or extra.get("arch"), arch, path)
         if found is None and extra is not None:
             found = extra.get("arch")
     if found is None:
         found, small = infer_arch(backbone)
-    elif layout == "fastmoco":
-        small = bool(obj["config"].get("small_images", False))
-    elif found == "resnet-tiny":
+    elif found == "resnet-tiny":  # it has no other stem, whatever a config says
         small = True
+    elif layout == "fastmoco":
+        small = bool(fields["config"].get("small_images", False))
     else:
         small = "conv1.weight" in backbone and backbone["conv1.weight"].shape[-1] == 3
     if found not in ALL_ARCHS:
@@ -278,6 +353,257 @@ def read_pretrained(path: str | Path, arch: str | None = None, trust: bool = Fal
             "diverged: use an earlier checkpoint (checkpoint.prev.pt)"
         )
     return Pretrained(str(path), layout, found, small, backbone, **fields)
+
+
+# --- settings: what a file records, validated --------------------------------------------
+
+# The settings knn and lincls take from a file, with the TrainConfig field type they must have.
+SETTING_TYPES = {
+    "arch": str,
+    "method": str,
+    "small_images": bool,
+    "crop_size": int,
+    "mean": tuple[float, float, float],
+    "std": tuple[float, float, float],
+    "knn_k": int,
+    "knn_t": float,
+    "demo_seed": int,
+}
+
+
+def checked_settings(values: Mapping, where: str) -> dict:
+    """values (a checkpoint's config, an export's fastmoco_config, a sidecar) with the
+    SETTING_TYPES fields type- and range-checked (lists as tuples, ints as floats where a
+    float is wanted); the other keys as they are. A file is input: a bad value is refused
+    naming where it is, never used."""
+    if not isinstance(values, Mapping):
+        raise UsageError(f"{where}: not a mapping of settings ({type(values).__name__})")
+    out = dict(values)
+    for name, annotation in SETTING_TYPES.items():
+        if name not in out or out[name] is None:
+            out.pop(name, None)
+            continue
+        v = out[name]
+        if isinstance(v, list):
+            v = tuple(v)
+        if annotation is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if isinstance(v, tuple):
+            v = tuple(float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v)
+        check_type(name, v, annotation, f"{where} {name}")
+        problem = _setting_problem(name, v)
+        if problem:
+            raise UsageError(f"{where} {name}: {v!r} is not {problem}")
+        out[name] = v
+    return out
+
+
+def _setting_problem(name: str, v) -> str | None:
+    """What a setting's value must be, when it is not; None when it is fine."""
+    if name == "arch" and v not in ALL_ARCHS:
+        return f"one of {', '.join(ALL_ARCHS)}"
+    if name == "method" and v not in METHODS:
+        return f"one of {', '.join(METHODS)}"
+    if name in ("crop_size", "knn_k") and v < 1:
+        return "a whole number of at least 1"
+    if name == "demo_seed" and v < 0:
+        return "a whole number of at least 0"
+    if name == "knn_t" and not (math.isfinite(v) and v > 0):
+        return "a finite number above 0"
+    if name == "mean" and not all(math.isfinite(x) for x in v):
+        return "three finite numbers"
+    if name == "std" and not all(math.isfinite(x) and x > 0 for x in v):
+        return "three finite numbers above 0"
+    return None
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """FILE.fastmoco.json: the settings of FILE, beside it."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# The sidecar's fields besides SETTING_TYPES: bookkeeping, never a setting.
+_SIDECAR_INFO = {"fastmoco_sidecar", "file", "sha256", "format", "epoch", "source"}
+
+
+def read_sidecar(path: str | Path, backbone: Mapping) -> dict | None:
+    """The settings of FILE from FILE.fastmoco.json (None without one), checked: known
+    fields only, each of its type and range, arch and stem those of the weights
+    (`backbone`), and the sha256 the file's own. It can set what the file does not record,
+    nothing else: no field of it loads code, skips a check or names another file."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    where = f"sidecar {side}"
+    try:
+        values = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(
+            f"{where}: not readable JSON ({e}); export the file again, or delete the sidecar"
+        ) from None
+    if not isinstance(values, dict) or values.get("fastmoco_sidecar") != SIDECAR_VERSION:
+        raise UsageError(
+            f"{where}: not a fastmoco sidecar of version {SIDECAR_VERSION} (no "
+            '"fastmoco_sidecar": 1); export the file again, or delete the sidecar'
+        )
+    unknown = sorted(set(values) - set(SETTING_TYPES) - _SIDECAR_INFO)
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown field {unknown[0]!r}; a sidecar holds "
+            f"{', '.join(sorted(set(SETTING_TYPES) | _SIDECAR_INFO))}"
+        )
+    epoch = values.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise UsageError(f"{where} epoch: {epoch!r} is not a whole number of at least 0")
+    digest = values.get("sha256")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise UsageError(f"{where} sha256: {digest!r} is not a sha256 hex digest")
+    if digest != file_sha256(path):
+        raise UsageError(
+            f"{where} does not describe {path}: the file's sha256 differs from the one recorded "
+            "at export (the file was replaced since); export it again, or delete the sidecar "
+            "and give the settings as flags"
+        )
+    settings = checked_settings(values, where)
+    weights_arch, weights_small = infer_arch(backbone)
+    if settings.get("arch", weights_arch) != weights_arch:
+        raise UsageError(
+            f"{where} says arch {settings['arch']}, but the weights in {path} are a "
+            f"{weights_arch}; export the file again, or delete the sidecar"
+        )
+    if settings.get("small_images", weights_small) != weights_small:
+        stem = "3x3" if weights_small else "7x7"
+        raise UsageError(
+            f"{where} says small_images {settings['small_images']}, but the weights in {path} "
+            f"have a {stem} conv1; export the file again, or delete the sidecar"
+        )
+    return settings
+
+
+def sidecar_for(p: "Pretrained", fmt: str, out: Path) -> dict:
+    """The sidecar of an export of p: the settings p records (not the defaults that stand
+    in for what it does not), its method, epoch, source, and the written file's sha256."""
+    recorded = {k: s.value for k, s in settings_of(p).items() if s.recorded}
+    return {
+        "fastmoco_sidecar": SIDECAR_VERSION,
+        "file": out.name,
+        "format": fmt,
+        "sha256": file_sha256(out),
+        "arch": p.arch,
+        "small_images": p.small_images,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in recorded.items()},
+        "epoch": p.epoch,
+        "source": p.path,
+    }
+
+
+def write_sidecar(values: dict, out: Path) -> Path:
+    """FILE.fastmoco.json beside out, written to a temp file, fsynced, then renamed: never
+    half a file (a killed export leaves .NAME.tmpPID, which the next export removes)."""
+    side = sidecar_path(out)
+    tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(values, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, side)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return side
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluation setting: its value, where it came from (as printed), whether the file
+    records it (a flag that differs contradicts the checkpoint) and whether nothing can
+    change it (a ViT's input size is its position embedding's)."""
+
+    value: object
+    source: str
+    recorded: bool = False
+    fixed: bool = False
+
+
+def settings_of(p: "Pretrained") -> dict[str, Setting]:
+    """crop_size, mean, std, small_images, method, knn_k, knn_t, demo_seed of p: the ones its
+    file (or sidecar) records, else what the weights say (a ViT's input size, a 3x3 stem),
+    else the conventions of files that record nothing (ImageNet's 224 px and normalisation;
+    32 px for a small-image stem; InstDisc's kNN k=200, t=0.1)."""
+    c, where = p.config or {}, p.config_source or "checkpoint"
+
+    def rec(name, default: Setting, source=where) -> Setting:
+        return Setting(c[name], source, recorded=True) if name in c else default
+
+    if p.arch in VIT_ARCHS and "encoder.pos_embedding" in p.backbone:
+        crop = Setting(vit_image_size(p.backbone), "position embedding", True, fixed=True)
+    elif p.small_images:
+        crop = rec("crop_size", Setting(32, "default for a small-image stem; none recorded"))
+    else:
+        crop = rec("crop_size", Setting(224, "default: ImageNet's; none recorded"))
+    method = {"moco": "moco", "mocov3": "mocov3"}.get(p.layout)
+    if p.layout == "fastmoco":
+        method = "moco"  # checkpoints from before the method field were MoCo's
+    method_default = Setting(method, f"{p.layout} layout" if method else "unknown", bool(method))
+    imagenet = "default: ImageNet's; none recorded"
+    monitor = "checkpoint's monitor" if where == "checkpoint" else f"{where}: the run's monitor"
+    return {
+        "crop_size": crop,
+        "mean": rec("mean", Setting(tuple(IMAGENET_MEAN), imagenet)),
+        "std": rec("std", Setting(tuple(IMAGENET_STD), imagenet)),
+        "small_images": Setting(
+            p.small_images, where if "small_images" in c else "the weights' conv1", True
+        ),
+        "method": rec("method", method_default),
+        "knn_k": rec("knn_k", Setting(200, "InstDisc's default"), monitor),
+        "knn_t": rec("knn_t", Setting(0.1, "InstDisc's default"), monitor),
+        "demo_seed": rec("demo_seed", Setting(0, "default")),
+    }
+
+
+def shown(value) -> str:
+    """A setting as printed: tuples comma-separated, floats without trailing zeros."""
+    if isinstance(value, tuple):
+        return ",".join(shown(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def choose_setting(
+    flag: str, given, setting: Setting, override: bool, given_source: str = "flag"
+) -> Setting:
+    """The setting used: `given` (a flag's value; None: not given) unless it contradicts a
+    value the checkpoint records, which is refused unless override (OVERRIDE_FLAG); a
+    fixed one (a ViT's input size) cannot be overridden."""
+    if given is None:
+        return setting
+    if isinstance(given, list):
+        given = tuple(given)
+    if not setting.recorded or given == setting.value:
+        return Setting(given, given_source, setting.recorded)
+    if setting.fixed:
+        raise UsageError(
+            f"{flag} {shown(given)}: the checkpoint's network takes {shown(setting.value)} "
+            f"only ({setting.source}); drop {flag}"
+        )
+    if not override:
+        raise UsageError(
+            f"{flag} {shown(given)} contradicts the checkpoint, which was trained with "
+            f"{shown(setting.value)} ({setting.source}); drop {flag} to use that, or pass "
+            f"{OVERRIDE_FLAG} to evaluate with {shown(given)} anyway"
+        )
+    return Setting(given, f"{given_source}, {OVERRIDE_FLAG}", True)
 
 
 def _mocov3_vit(state: dict, path, pre: str) -> dict:
@@ -342,11 +668,15 @@ def describe(p: Pretrained, missing: list[str] | None = None) -> str:
     which keys of the file the backbone dropped."""
     stem = ", small-image stem" if p.small_images and p.arch != "resnet-tiny" else ""
     epoch = f", epoch {p.epoch}" if p.epoch is not None else ""
+    side = f"; settings from {sidecar_path(p.path).name}" if p.config_source == "sidecar" else ""
     lines = [
-        f"=> {p.path}: {p.layout} layout, {p.arch}{stem}{epoch}; {len(p.backbone)} backbone tensors"
+        f"=> {p.path}: {p.layout} layout, {p.arch}{stem}{epoch}; {len(p.backbone)} backbone "
+        f"tensors{side}"
     ]
+    if p.requested is not None:
+        lines.insert(0, f"=> --pretrained {p.requested}: its newest loadable checkpoint")
     if missing is None:
-        return lines[0]
+        return "\n".join(lines)
     for why, keys in p.dropped.items():
         lines.append(f"   dropped ({why}): {_short(keys)}")
     lines.append(f"   missing: {', '.join(missing) if missing else 'none'}")
@@ -354,16 +684,10 @@ def describe(p: Pretrained, missing: list[str] | None = None) -> str:
 
 
 def image_settings(p: Pretrained) -> dict:
-    """crop_size, mean, std (and demo_seed) the encoder was trained with: its config's, else
-    the ImageNet values the official and torchvision checkpoints use (a ViT's crop: the size
-    its position embedding was made for)."""
-    c = p.config or {}
-    return dict(
-        crop_size=c.get("crop_size", _vit_input_size(p) if p.arch in VIT_ARCHS else 224),
-        mean=tuple(c.get("mean", IMAGENET_MEAN)),
-        std=tuple(c.get("std", IMAGENET_STD)),
-        demo_seed=c.get("demo_seed", 0),
-    )
+    """crop_size, mean, std (and demo_seed) the encoder was trained with: settings_of's
+    values (recorded, else the weights', else the conventions)."""
+    s = settings_of(p)
+    return {name: s[name].value for name in ("crop_size", "mean", "std", "demo_seed")}
 
 
 def load_backbone(
@@ -477,18 +801,24 @@ def export_checkpoint(
     trust: bool = False,
 ) -> tuple[Path, Pretrained, str]:
     """Write `pretrained` (any layout) as fmt (FORMATS); (path, record, note).
-    An existing out is refused unless force; out is never the input file."""
+    An existing out is refused unless force; out is never the input file (nor, for a run
+    directory, one of its checkpoints). FILE.fastmoco.json, the settings, is written beside
+    out for every format (the torchvision file stays a plain state_dict)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and out.resolve() == Path(pretrained).resolve():
+    inputs = existing_chain(pretrained) if Path(pretrained).is_dir() else [Path(pretrained)]
+    if out.exists() and any(out.resolve() == p.resolve() for p in inputs):
         raise UsageError(f"--out {out} is the --pretrained file itself; write to another path")
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give the path of the file to write")
     if out.exists() and not force:
         raise UsageError(f"--out {out} exists; pass --force to replace it, or choose another")
-    remove_stale_temps(out.parent, name=out.name)  # left by a killed export
+    for name in (out.name, sidecar_path(out).name):  # left by a killed export
+        remove_stale_temps(out.parent, name=name)
     p = read_pretrained(pretrained, arch, trust)
     build_pretrained_backbone(p)  # refuse to export weights that would not load back
     obj = {"torchvision": to_torchvision, "moco": to_moco, "mocov3": to_mocov3}[fmt](p)
-    return save_atomic(obj, out), p, compatibility_note(p, fmt)
+    path = save_atomic(obj, out)
+    write_sidecar(sidecar_for(p, fmt, path), path)
+    return path, p, compatibility_note(p, fmt)

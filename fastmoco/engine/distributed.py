@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-from fastmoco.errors import UsageError
+from fastmoco.errors import EnvironmentFault, UsageError
 
 
 def free_port() -> int:
@@ -76,10 +76,13 @@ def _worker(local_rank, world_size, port, backend, fn: Callable, args, results):
     try:
         out = fn(*args)
         if local_rank == 0:
-            results.put(("result", out))
+            results.put(("result", out, 0))
     except UsageError as e:  # the parent prints it as a one-line error
-        results.put(("error", str(e)))
+        results.put(("error", str(e), 2))
         sys.exit(2)
+    except EnvironmentFault as e:  # a fault of the machine: the same, with its exit code
+        results.put(("fault", str(e), e.exit_code))
+        sys.exit(e.exit_code)
     finally:
         dist.destroy_process_group()
 
@@ -185,9 +188,12 @@ def _spawn(fn: Callable, args: tuple, nprocs: int, backend: str) -> Any:
             except ProcessException:
                 while not results.empty():
                     received.append(results.get())
-                error = next((v for kind, v in received if kind == "error"), None)
+                error = next((v for kind, v, _ in received if kind == "error"), None)
                 if error is not None:
                     raise UsageError(error) from None
+                fault = next(((v, c) for kind, v, c in received if kind == "fault"), None)
+                if fault is not None:  # a survivor's account of a rank that died
+                    raise EnvironmentFault(*fault) from None
                 raise
         while not results.empty():
             received.append(results.get())
@@ -195,7 +201,7 @@ def _spawn(fn: Callable, args: tuple, nprocs: int, backend: str) -> Any:
         for s, h in old.items():
             signal.signal(s, h)
         spawn_log.setLevel(level)
-    return next((v for kind, v in received if kind == "result"), None)
+    return next((v for kind, v, _ in received if kind == "result"), None)
 
 
 def local_device(device: str) -> torch.device:

@@ -70,14 +70,15 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] + 1 for h in history]
+    epochs = [h["epoch"] for h in history]  # counted from 1
     fig, (ax_l, ax_p, ax_k) = plt.subplots(1, 3, figsize=(14, 4))
-    ax_l.plot(epochs, [h["loss"] for h in history], marker="o", label="trained")
+    losses = [math.nan if h["loss"] is None else h["loss"] for h in history]  # None: no step
+    ax_l.plot(epochs, losses, marker="o", label="trained")
     if loss_ceiling is not None:
         ax_l.axhline(loss_ceiling, ls="--", color="gray", label=f"ln(K+1) = {loss_ceiling:.2f}")
         ax_l.legend()
     ax_l.set(xlabel="epoch", ylabel="InfoNCE loss (epoch mean)", title="training loss")
-    pretext = [(h["epoch"] + 1, h["train_top1"]) for h in history if "train_top1" in h]
+    pretext = [(h["epoch"], h["train_top1"]) for h in history if h.get("train_top1") is not None]
     if pretext:
         ax_p.plot(*zip(*pretext, strict=True), marker="o", color="tab:green")
     ax_p.set(
@@ -85,7 +86,7 @@ def plot_curves(
         ylabel="pretext top-1 (%)",
         title="instance discrimination (positive ranked first)",
     )
-    knn = [(h["epoch"] + 1, h["knn_top1"]) for h in history if h.get("knn_top1") is not None]
+    knn = [(h["epoch"], h["knn_top1"]) for h in history if h.get("knn_top1") is not None]
     if knn:
         ax_k.plot(*zip(*knn, strict=True), marker="o", color="tab:orange", label="trained")
     if knn_random is not None:
@@ -108,7 +109,7 @@ def plot_curves(
 
 def learning_checks(history: list[dict], knn_random: float | None, knn_gain: float = 10.0):
     """Does a run's history look like learning? {name: (passed, what was seen)} for the
-    three readings an expert makes of a contrastive run's curves (issue 12 of the project):
+    three readings an expert makes of a contrastive run's curves:
 
     - loss: the last epoch's loss is below epoch 1's, and the loss falls over the second
       half of the run (least-squares slope over its epochs < 0, last below its start);

@@ -1,6 +1,7 @@
-"""What a run prints before its first step about choices that silently change results:
-the learning rate actually used, shuffle BN that shuffles nothing, a DALI augmentation that
-is not torchvision's."""
+"""What a run prints before its first step: what runs where (method, data, loader, step,
+precision), and the choices that silently change results: the learning rate actually used,
+a DALI augmentation that is not torchvision's, and what the method itself warns about
+(its notices(): shuffle BN that shuffles nothing, say)."""
 
 from fastmoco.config import TrainConfig
 
@@ -21,18 +22,6 @@ def lr_notice(cfg: TrainConfig) -> str:
     return f"learning rate {cfg.effective_lr():g} = --lr as given (--lr-scaling none)"
 
 
-def shuffle_bn_notice(cfg: TrainConfig, world_size: int) -> str | None:
-    """Shuffle BN mixes keys across BN groups; one device with one group has nothing to mix,
-    so the keys' statistics are the queries' batch's: the leak shuffle BN exists to stop."""
-    if cfg.method != "moco" or not cfg.shuffle_bn or world_size > 1 or cfg.bn_splits > 1:
-        return None
-    return (
-        "warning: shuffle BN on one device with one BN group shuffles nothing; pass "
-        "--bn-splits 8 to simulate 8 GPUs as the official CIFAR-10 demo does (or "
-        "--no-shuffle-bn to say it is meant)"
-    )
-
-
 def loader_notice(description: str) -> str | None:
     if not description.startswith("DALI"):
         return None
@@ -42,10 +31,34 @@ def loader_notice(description: str) -> str | None:
     )
 
 
-def startup_notices(cfg: TrainConfig, world_size: int, loader_description: str) -> list[str]:
-    notes = [
-        lr_notice(cfg),
-        shuffle_bn_notice(cfg, world_size),
-        loader_notice(loader_description),
-    ]
+def startup_notices(cfg: TrainConfig, loader_description: str) -> list[str]:
+    notes = [lr_notice(cfg), loader_notice(loader_description)]
     return [n for n in notes if n]
+
+
+def precision_line(cfg: TrainConfig, channels_last: bool, model) -> str:
+    """AMP, memory format and queue dtype, said once at the start of a run."""
+    amp = f"AMP {cfg.amp_dtype} autocast" if cfg.amp else "fp32 (no AMP)"
+    how = "given" if cfg.channels_last is not None else "default: on with --amp on CUDA"
+    fmt = f"channels_last {'on' if channels_last else 'off'} ({how})"
+    queue = getattr(model, "queue", None)
+    q = f", queue {str(queue.dtype).removeprefix('torch.')}" if queue is not None else ""
+    return f"precision: {amp}, {fmt}{q}"
+
+
+def startup_lines(
+    cfg: TrainConfig, model, loader_description: str, step_description: str, *, world_size,
+    device, threads, steps_per_epoch, out, channels_last,
+) -> list[str]:  # fmt: skip
+    """The run's first lines, in order: what trains on what, the loader, the notices, the
+    step (eager or graph, and why), the precision."""
+    summary = model.summary()
+    lines = [
+        f"fastmoco: {cfg.preset} ({cfg.method}) {cfg.arch} on {world_size} x {device.type}, "
+        f"batch {cfg.batch_size}{', ' + summary if summary else ''}, {steps_per_epoch} "
+        f"steps/epoch, out {out}",
+        f"loader: {loader_description}"
+        + (f", {threads} intra-op threads" if device.type == "cpu" else ""),
+    ]
+    lines += startup_notices(cfg, loader_description) + model.notices(world_size)
+    return lines + [step_description, precision_line(cfg, channels_last, model)]

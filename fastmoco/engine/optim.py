@@ -1,4 +1,5 @@
-r"""Optimizers: SGD (MoCo v1/v2), LARS (MoCo v3, ResNet) and AdamW (MoCo v3, ViT).
+r"""Optimizers: SGD (MoCo v1/v2), LARS (MoCo v3, ResNet) and AdamW (MoCo v3, ViT), and the
+schedules of the learning rate and of the key encoder's momentum.
 
 LARS (You et al. 2017) as MoCo v3's official code writes it, per parameter tensor w with
 gradient g, for tensors with more than one dimension (weights of convs and linears):
@@ -20,7 +21,25 @@ step): LARS multiplies by it; on CUDA, SGD and AdamW are torch's fused implement
 which read a tensor lr on the device (the foreach SGD would turn it into a Python scalar)
 and keep AdamW's step count there. `reads_lr_tensor` says whether an optimizer does.
 apex's fused SGD/Adam, which take a Python lr, are used only with graph_safe=False.
+
+Schedules, as the official scripts compute them (the values the step writes each step):
+
+    lr(e) = base * e / warmup                                   e < warmup
+          = base * 0.5 (1 + cos(pi (e - warmup) / (epochs - warmup)))   cosine
+          = base * 0.1 ^ #{s in lr_steps : e >= s}             step
+    e = the epoch at the start of the step: whole (main_moco.py of v1/v2 and the CIFAR demo
+        set the lr once per epoch) or fractional, step / steps_per_epoch (moco-v3's
+        adjust_learning_rate(epoch + i / iters_per_epoch)); so the first step's lr is 0 in a
+        warm-up. base: TrainConfig.effective_lr() (--lr-scaling).
+    1 - m(t) = 0.5 (1 + cos(pi t / epochs)) (1 - m0)            moco-v3's momentum schedule
+             = cos^2(pi t / (2 epochs)) (1 - m0)                  (computed so: no cancellation)
+    t = the fractional epoch of the next step (the update runs after this step's optimizer
+        step; moco-v3 runs it at the start of the next). The EMA weight 1 - m is what the
+        step holds on the device: in float32 it is exact to 2^-24 of itself, where m
+        rounds to 1.0 once 1 - m < 2^-25 and stops the update early.
 """
+
+import math
 
 import torch
 
@@ -136,3 +155,50 @@ def reads_lr_tensor(optimizer: torch.optim.Optimizer) -> bool:
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         return all(g.get("fused") or g.get("capturable") for g in groups)
     return False
+
+
+def graph_capturable(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why a CUDA graph cannot record this optimizer's step, or None when it can: the lr
+    must be a device tensor (reads_lr_tensor), and Adam/AdamW need capturable=True (their
+    step count on the device: torch's capture health check refuses them otherwise)."""
+    if not reads_lr_tensor(optimizer):
+        return (
+            f"{type(optimizer).__name__} reads its learning rate as a Python float, which a "
+            "graph would freeze (torch's fused SGD/AdamW and LARS read a device tensor)"
+        )
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        if not all(g.get("capturable") for g in optimizer.param_groups):
+            return (
+                f"{type(optimizer).__name__} without capturable=True keeps its step count on the "
+                "host, which torch's graph capture refuses"
+            )
+    return None
+
+
+def lr_at(cfg, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of global step `step` (0-based) under cfg's schedule (module doc)."""
+    base = cfg.effective_lr()
+    e = step / steps_per_epoch if cfg.lr_update == "step" else step // steps_per_epoch
+    if e < cfg.warmup_epochs:
+        return base * e / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+        return base * 0.5 * (1 + math.cos(math.pi * (e - cfg.warmup_epochs) / span))
+    return base * 0.1 ** sum(e >= s for s in cfg.lr_steps)
+
+
+def ema_weight_at(cfg, step: int, steps_per_epoch: int) -> float:
+    """1 - m for the momentum update after step `step`: constant 1 - moco_m, or with
+    moco_m_cos 0.5 (1 + cos(pi t / epochs)) (1 - moco_m) at t = (step + 1) / steps_per_epoch,
+    the value moco-v3 uses at the start of the next step (module doc)."""
+    if not cfg.moco_m_cos:
+        return 1 - cfg.moco_m
+    t = (step + 1) / steps_per_epoch
+    # 0.5 (1 + cos x) = cos^2(x / 2): the same value without the cancellation of 1 + cos x
+    # as x nears pi, where 1 - m is smallest and float64 would lose its leading digits
+    return math.cos(math.pi * t / cfg.epochs / 2) ** 2 * (1 - cfg.moco_m)
+
+
+def momentum_at(cfg, step: int, steps_per_epoch: int) -> float:
+    """m = 1 - ema_weight_at(...): the momentum itself, as the official code writes it."""
+    return 1 - ema_weight_at(cfg, step, steps_per_epoch)

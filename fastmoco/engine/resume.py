@@ -11,11 +11,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from fastmoco.config import TrainConfig
+from fastmoco.config import COMMAND_LINE_ONLY, TrainConfig, flag
 from fastmoco.errors import UsageError
 
 # What this invocation is asked to do with the run: always from the current command line.
-INVOCATION_FIELDS = frozenset({"out", "resume", "force", "trust_checkpoint"})
+INVOCATION_FIELDS = frozenset(COMMAND_LINE_ONLY)
 # How it runs rather than what it trains: changed without a notice.
 QUIET_FIELDS = frozenset({"device", "gpus", "workers", "loader", "progress", "log_every"})
 # The saved state has these shapes or meanings: a resumed run cannot change them.
@@ -30,11 +30,8 @@ FIXED_FIELDS = (
     "optimizer",
     "batch_size",
     "frozen_patch_proj",
+    "zero_init_residual",
 )
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def resume_config(

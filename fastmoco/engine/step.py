@@ -2,34 +2,42 @@
 update (momentum update + enqueue for MoCo), run eagerly or replayed as one CUDA graph.
 
     step = TrainStep(model, optimizer, device=..., amp_dtype=..., cuda_graph="auto")
-    loss, hits = step(x_q, x_k, index, lr=lr_at(t), momentum=momentum_at(t))
+    loss, hits = step(x_q, x_k, index, lr=lr_at(t), ema_weight=ema_weight_at(t))
 
 Everything that changes from one step to the next lives on the device, so the same
 recorded kernels serve every step:
   - the learning rate: a 0-d tensor the optimizer reads (optim.reads_lr_tensor: LARS,
     torch's fused SGD, fused AdamW); the host writes the schedule's value into it before
     each step (a host-to-device write, never a read);
-  - the key-encoder momentum, when a schedule moves it (MoCo v3): a 0-d tensor likewise;
+  - the key-encoder update's weight 1 - m, when a schedule moves it (MoCo v3): a 0-d tensor
+    likewise (1 - m rather than m: float32 keeps it exact as m nears 1);
   - the queue pointer: a device tensor the enqueue advances (fastmoco.ops.enqueue_);
   - random draws (shuffle BN's permutation, sampled negatives): the method's own
     torch.Generators, registered with the graph, so each replay draws anew as eager would.
-Inputs are copied into static buffers before a replay; the loss and the top-1 hits come
-back as device tensors (static outputs: read or accumulate them before the next step).
+The views come in on the host (pinned) or the device and are copied once, into the static
+buffers of the graph, or to the device in the step's memory format when eager; the loss and
+the top-1 hits come back as device tensors (static outputs: read or accumulate them before
+the next step; hits is None for a method that reports no ranking).
 
 The graph is captured after a few eager warm-up steps (3; 11 under DDP, as the PyTorch
 CUDA-graphs notes ask) run on a side stream, which also lets the Triton kernels compile
-and the momentum update build its address table. The trainer keeps everything that is not
+and the momentum update build its address table. A capture that fails runs eagerly from
+there with one rank under --cuda-graph auto; under DDP (or with --cuda-graph on) the ranks
+agree over a gloo group of their own and every rank stops with one line, since NCCL needs
+every rank of a communicator to capture alike. The trainer keeps everything that is not
 the step: the loop, logging, checkpoints, kNN.
 """
 
 import contextlib
 
 import torch
+import torch.distributed as dist
 
 from fastmoco.errors import UsageError
+from fastmoco.ops import momentum_update
 from fastmoco.ops.distributed import world
 
-from .optim import reads_lr_tensor
+from .optim import graph_capturable, reads_lr_tensor
 
 GRAPH_MODES = ("auto", "on", "off")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,11 +76,8 @@ def graph_plan(
             "fp16 AMP's GradScaler decides on the host whether to skip a step; use "
             "--amp-dtype bf16 (no scaler) to capture the step"
         )
-    elif not reads_lr_tensor(optimizer):
-        reason = (
-            f"{type(optimizer).__name__} reads its learning rate as a Python float, which a "
-            "graph would freeze (torch's fused SGD/AdamW and LARS read a device tensor)"
-        )
+    elif graph_capturable(optimizer) is not None:
+        reason = graph_capturable(optimizer)
     elif getattr(guard, "mode", None) == "skip":
         reason = "--on-nonfinite skip decides on the host whether each step is dropped"
     elif model.generators() and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
@@ -99,18 +104,21 @@ class TrainStep:
         cuda_graph: str = "off",
         warmup_steps: int | None = None,
         guard=None,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ):
-        """momentum_schedule: the momentum changes per step (a device tensor is passed to
-        after_step); otherwise the method's constant m. cuda_graph: auto | on | off.
-        guard: a check of the loss and gradients inside the step (the non-finite guard):
-        guard.snapshot() before the forward, ok = guard.observe(loss, params) after the
-        backward (device ops only, captured with the step), and guard.drop(ok) -> True to
-        drop the step before the optimizer; a guard whose `mode` is "skip" decides that on
-        the host, so its steps are not captured."""
+        """momentum_schedule: the momentum changes per step (the EMA weight 1 - m is passed
+        to after_step as a device tensor); otherwise the method's constant m. cuda_graph:
+        auto | on | off. guard: a check of the loss and gradients inside the step (the
+        non-finite guard): guard.snapshot() before the forward, ok = guard.observe(loss,
+        params) after the backward (device ops only, captured with the step), and
+        guard.drop(ok) -> True to drop the step before the optimizer; a guard whose `mode`
+        is "skip" decides that on the host, so its steps are not captured. memory_format:
+        the views' on the device (channels_last under AMP on CUDA)."""
         self.model, self.optimizer = model, optimizer
         self.device = torch.device(device)
         self.amp = amp
         self.autocast_dtype = AMP_DTYPES[amp_dtype]
+        self.memory_format = memory_format
         fp16 = amp and amp_dtype == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         # the schedule's values, on the device; the host only ever writes them
@@ -118,7 +126,7 @@ class TrainStep:
         self.lr_on_device = reads_lr_tensor(optimizer)
         self.bind_lr()
         self.lr_value = 0.0  # the host's copy of the last lr written, for logging
-        self.momentum = (
+        self.ema_weight = (
             torch.zeros((), dtype=torch.float32, device=self.device) if momentum_schedule else None
         )
         self.use_graph, self.reason = graph_plan(
@@ -137,6 +145,7 @@ class TrainStep:
         self._graph = None
         self._static_in = None
         self._static_out = None
+        self._held = None  # what the captured kernels read by address (EMA tables)
         self._side_stream = torch.cuda.Stream(self.device) if self.use_graph else None
 
     def describe(self) -> str:
@@ -170,43 +179,55 @@ class TrainStep:
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr
 
+    @contextlib.contextmanager
     def ddp_context(self):
         """Where to build DDP: on the capture's side stream when the step is graphed (the
-        PyTorch CUDA-graphs notes: DDP constructed in a side-stream context)."""
+        PyTorch CUDA-graphs notes: DDP constructed in a side-stream context). DDP's
+        constructor broadcasts rank 0's weights on that stream; the default stream waits
+        for it on exit, so a checkpoint loaded next (on the default stream) cannot be
+        overwritten by the broadcast of the initial weights landing after it."""
         if self._side_stream is None:
-            return contextlib.nullcontext()
-        return torch.cuda.stream(self._side_stream)
+            yield
+            return
+        side = self._side_stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(side)
 
     # --- the schedule ------------------------------------------------------------------
-    def set_schedule(self, lr: float, momentum: float | None = None) -> None:
-        """Write this step's lr (and momentum, under a schedule) where the step reads them."""
+    def set_schedule(self, lr: float, ema_weight: float | None = None) -> None:
+        """Write this step's lr (and EMA weight 1 - m, under a schedule) where the step
+        reads them."""
         self.lr_value = float(lr)
         if self.lr_on_device:
             self.lr.fill_(lr)
         else:  # an optimizer that takes a Python float (eager only)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-        if self.momentum is not None and momentum is not None:
-            self.momentum.fill_(momentum)
+        if self.ema_weight is not None and ema_weight is not None:
+            self.ema_weight.fill_(ema_weight)
 
     # --- running -----------------------------------------------------------------------
-    def __call__(self, x_q, x_k, index=None, *, lr: float, momentum: float | None = None):
-        """One step; returns (loss, top-1 hits) as device tensors, never read here."""
-        self.set_schedule(lr, momentum)
+    def __call__(self, x_q, x_k, index=None, *, lr: float, ema_weight: float | None = None):
+        """One step; returns (loss, top-1 hits or None) as device tensors, never read here."""
+        self.set_schedule(lr, ema_weight)
         self.steps_run += 1
         if not self.use_graph:
-            return self.body(x_q, x_k, index)
+            return self.body(*self._on_device(x_q, x_k, index))
         if self._graph is None and self.steps_run <= self.warmup_steps:
             with self._on_side_stream():
-                return self.body(x_q, x_k, index)
+                return self.body(*self._on_device(x_q, x_k, index))
         if self._graph is None:
+            failed = None
             try:
                 self._capture(x_q, x_k, index)
             except Exception as err:
-                if self.strict:
-                    raise
-                self._give_up_graph(err)
-                return self.body(x_q, x_k, index)
+                failed = err
+            failed_ranks = self._agree(failed)
+            if failed_ranks:
+                self._stop_or_give_up(failed, failed_ranks)
+                return self.body(*self._on_device(x_q, x_k, index))
         return self._replay(x_q, x_k, index)
 
     def body(self, x_q, x_k, index=None):
@@ -215,7 +236,7 @@ class TrainStep:
         if self.guard is not None:
             self.guard.snapshot()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
-            loss, aux, rank = self.model(x_q, x_k, index)
+            loss, aux, pos_rank = self.model(x_q, x_k, index)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.guard is not None:
@@ -224,8 +245,16 @@ class TrainStep:
                 return None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.model.after_step(aux, index, self.momentum)
-        return loss.detach(), (rank == 0).sum()
+        self.model.after_step(aux, index, self.ema_weight)
+        hits = None if pos_rank is None else (pos_rank == 0).sum()
+        return loss.detach(), hits
+
+    def _on_device(self, x_q, x_k, index):
+        mf = self.memory_format
+        x_q = x_q.to(self.device, non_blocking=True, memory_format=mf)
+        x_k = x_k.to(self.device, non_blocking=True, memory_format=mf)
+        index = None if index is None else index.to(self.device, non_blocking=True)
+        return x_q, x_k, index
 
     # --- the graph ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -238,9 +267,19 @@ class TrainStep:
         torch.cuda.current_stream(self.device).wait_stream(s)
 
     def _capture(self, x_q, x_k, index):
-        self._static_in = [x_q.clone(), x_k.clone(), None if index is None else index.clone()]
+        static = lambda x, **kw: torch.empty_like(x, device=self.device, **kw)  # noqa: E731
+        self._static_in = [
+            static(x_q, memory_format=self.memory_format).copy_(x_q),
+            static(x_k, memory_format=self.memory_format).copy_(x_k),
+            None if index is None else static(index).copy_(index),
+        ]
+        # The random streams as they were before capture: restored if it fails, so the eager
+        # steps that follow draw what a run that never tried would draw.
+        gens = self.model.generators()
+        self._gen_states = [g.get_state() for g in gens]
+        self._cuda_rng = torch.cuda.get_rng_state(self.device)
         graph = torch.cuda.CUDAGraph()
-        for gen in self.model.generators():
+        for gen in gens:
             graph.register_generator_state(gen)
         self.optimizer.zero_grad(set_to_none=True)  # the gradients are allocated in the graph
         with self._on_side_stream():
@@ -250,6 +289,43 @@ class TrainStep:
             ):
                 self._static_out = self.body(*self._static_in)
         self._graph = graph
+        self._held = _hold_what_the_graph_reads()
+
+    def _agree(self, failed: Exception | None) -> list[int]:
+        """The ranks whose capture failed, the same list on every rank. Under DDP it is
+        agreed over a gloo group of its own (a CPU collective), not over NCCL: a capture is
+        a collective property of the NCCL operations it records, so a rank that failed
+        while others recorded leaves NCCL's communicator out of step for any collective."""
+        rank, world_size = world()
+        if world_size == 1 or not dist.is_initialized():
+            return [0] if failed is not None else []
+        if getattr(self, "_agreement", None) is None:  # every rank gets here at one step
+            self._agreement = dist.new_group(backend="gloo")
+        flags = torch.zeros(world_size, dtype=torch.int32)
+        flags[rank] = int(failed is not None)
+        dist.all_reduce(flags, group=self._agreement)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def _stop_or_give_up(self, failed: Exception | None, ranks: list[int]) -> None:
+        """--cuda-graph on, or more than one rank: every rank stops with one line (NCCL
+        must see every rank of a communicator capture alike, so no rank may go on alone,
+        and an eager fallback after a partial capture is a path NCCL does not promise).
+        One rank under auto: eager from here."""
+        world_size = world()[1]
+        if self.strict or world_size > 1:
+            cause = f"{type(failed).__name__}: {failed}" if failed is not None else "see there"
+            mode = "on" if self.strict else "auto"
+            where = f" on rank(s) {', '.join(map(str, ranks))}" if world_size > 1 else ""
+            detail = (
+                "; under DDP every rank must capture alike, so every rank stops"
+                if world_size > 1
+                else ""
+            )
+            raise UsageError(
+                f"--cuda-graph {mode}: the capture of the step failed{where} ({cause}){detail}: "
+                "rerun with --cuda-graph off"
+            ) from failed
+        self._give_up_graph(failed)
 
     def _replay(self, x_q, x_k, index):
         sq, sk, si = self._static_in
@@ -259,7 +335,7 @@ class TrainStep:
                 f"{tuple(x_q.shape)}: every batch must have the same shape (drop the last "
                 "partial batch), or use --cuda-graph off"
             )
-        sq.copy_(x_q, non_blocking=True)
+        sq.copy_(x_q, non_blocking=True)  # from the host: one copy, into the static buffer
         sk.copy_(x_k, non_blocking=True)
         if si is not None:
             si.copy_(index, non_blocking=True)
@@ -267,10 +343,25 @@ class TrainStep:
         return self._static_out
 
     def _give_up_graph(self, err: Exception) -> None:
-        self.use_graph, self._graph = False, None
+        """After a failed capture: no graph, no gradients allocated in its pool, the random
+        streams as before the attempt, and eager steps from here."""
+        self.use_graph, self._graph, self._static_out, self._held = False, None, None, None
+        self.optimizer.zero_grad(set_to_none=True)
+        for gen, state in zip(self.model.generators(), getattr(self, "_gen_states", []),
+                              strict=False):  # fmt: skip
+            gen.set_state(state)
+        if getattr(self, "_cuda_rng", None) is not None:
+            torch.cuda.set_rng_state(self._cuda_rng, self.device)
         self.reason = f"capture failed ({type(err).__name__}: {err}); eager from here"
         if world()[0] == 0:
             print(f"step: eager ({self.reason})", flush=True)
+
+
+def _hold_what_the_graph_reads():
+    """References that keep alive, for the graph's life, the device memory its kernels read
+    by address and that no tensor of the model holds: the momentum update's address tables
+    (its caches would otherwise evict and free them while replays still read them)."""
+    return momentum_update.hold_device_tables()
 
 
 def _warmup_steps() -> int:

@@ -1,18 +1,23 @@
-"""The MoCo training loop: one process per device, torch.distributed across them.
+"""The training loop: one process per device, torch.distributed across them.
 
-A step (MoCo paper, Algorithm 1): two views -> loss = InfoNCE(f_q(x_q), f_k(x_k), queue)
--> backward -> SGD step -> momentum update of f_k -> enqueue the global batch's keys, for
-any method, is the step object of engine/step.py (eager, or one captured CUDA graph). The
-trainer keeps the loop, logging, checkpoints and kNN. The step never syncs with the host:
-the queue pointer stays on the device and the loss is summed on the device and read every
-`log_every` steps.
+    plan = plan_run(cfg)                        # engine/plan.py, on rank 0: checks, run dir
+    for epoch:                                  # Trainer.fit
+        for x_q, x_k in loader:                 # Trainer.train_epoch
+            loss, hits = step(x_q, x_k, lr=lr_at(t), ema_weight=ema_weight_at(t))
+            log every log_every steps; agree on stops; save every save_every steps
+        kNN monitor; checkpoint
+
+A step (MoCo paper, Algorithm 1: forward, loss, backward, optimizer, momentum update,
+enqueue, for any method) is the step object of engine/step.py (eager, or one captured CUDA
+graph); what a method is, needs and saves, the method says itself (models/base.py). The
+step never syncs with the host: the queue pointer stays on the device and the loss is
+summed on the device and read every `log_every` steps.
 """
 
-import math
 import os
 import signal
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,191 +25,25 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from fastmoco.config import TrainConfig, check_numbers
-from fastmoco.config_io import write_config
-from fastmoco.data import build_train_loader, demo_dataset
-from fastmoco.data.augment import RECIPES
+from fastmoco.config import TrainConfig
+from fastmoco.data import build_train_loader
+from fastmoco.data.folder import unreadable_files
 from fastmoco.data.loader import cpu_plan
-from fastmoco.data.sources import bank_is_labelled, open_source, splits
-from fastmoco.errors import UsageError
-from fastmoco.eval.knn import build_knn_loaders, knn_accuracy, knn_cadence
-from fastmoco.models import ALL_ARCHS, METHODS, MoCo, build_model
+from fastmoco.errors import Interrupted
+from fastmoco.models import build_model
 from fastmoco.ops.distributed import world
 
 from . import checkpoint as ckpt
+from . import faults
+from .cpu_threads import ThreadTuner
 from .distributed import STOP_SIGNALS, launch, local_device, resolve_device
-from .guard import NonFiniteError, NonFiniteGuard, all_finite, bn_statistics
+from .guard import DroppedStepsError, NonFiniteError, NonFiniteGuard, all_finite, bn_statistics
+from .knn import build_knn_loaders, knn_accuracy
 from .metrics import MetricsLog, plot_curves
-from .notices import startup_notices
-from .optim import OPTIMIZERS, build_optimizer
-from .resume import resume_config, truncate_records
-from .step import GRAPH_MODES, TrainStep, resolve_channels_last
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGINT/SIGTERM/SIGUSR1 after saving a checkpoint."""
-
-    def __init__(self, signum: int, path: Path):
-        super().__init__(f"stopped by signal {signum}; checkpoint saved to {path}")
-        self.signum, self.path = signum, path
-
-
-def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """cfg.effective_lr() (--lr-scaling), with linear warm-up, then cosine (v2) or x0.1 steps
-    (v1)."""
-    base = cfg.effective_lr()
-    e = step / steps_per_epoch
-    if e < cfg.warmup_epochs:
-        return base * (e + 1 / steps_per_epoch) / cfg.warmup_epochs
-    if cfg.schedule == "cosine":
-        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
-        return base * 0.5 * (1 + math.cos(math.pi * (e - cfg.warmup_epochs) / span))
-    return base * 0.1 ** sum(e >= s for s in cfg.lr_steps)
-
-
-def momentum_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Key-encoder momentum for the update after `step`: constant, or with moco_m_cos (v3)
-    m = 1 - 0.5 (1 + cos(pi t / epochs)) (1 - m0), t the epoch (fraction) of the next step,
-    the value the official code uses at the start of that step."""
-    if not cfg.moco_m_cos:
-        return cfg.moco_m
-    t = (step + 1) / steps_per_epoch
-    return 1 - 0.5 * (1 + math.cos(math.pi * t / cfg.epochs)) * (1 - cfg.moco_m)
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Errors a user can fix, raised before any process or file is made."""
-    check_numbers(cfg)
-    if cfg.arch not in ALL_ARCHS:
-        raise UsageError(f"--arch {cfg.arch!r}: choose one of {', '.join(ALL_ARCHS)}")
-    if cfg.method not in METHODS:
-        raise UsageError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UsageError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-    if cfg.arch.startswith("vit") and cfg.method != "mocov3":
-        raise UsageError(f"--arch {cfg.arch} is for --method mocov3 (or --preset mocov3-vit)")
-    if cfg.arch.startswith("vit") and cfg.crop_size % 16:
-        raise UsageError(f"--arch {cfg.arch} cuts 16x16 patches: --crop-size must be a multiple")
-    if cfg.recipe not in RECIPES:
-        raise UsageError(f"--recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
-    if cfg.schedule not in ("cosine", "step"):
-        raise UsageError(f"--schedule {cfg.schedule!r}: choose cosine or step")
-    if cfg.lr_scaling not in ("linear", "none"):
-        raise UsageError(f"--lr-scaling {cfg.lr_scaling!r}: choose linear or none")
-    if cfg.method == "moco" and cfg.queue_size <= cfg.batch_size:
-        raise UsageError(
-            f"--queue-size {cfg.queue_size} must be larger than --batch-size {cfg.batch_size} "
-            "(the queue holds the keys of many past batches); raise --queue-size"
-        )
-    if cfg.batch_size % cfg.gpus:
-        raise UsageError(
-            f"--batch-size {cfg.batch_size} is global and must divide evenly over --gpus {cfg.gpus}"
-        )
-    per_rank = cfg.batch_size // cfg.gpus
-    if cfg.bn_splits > 1 and per_rank % cfg.bn_splits:
-        raise UsageError(f"--bn-splits {cfg.bn_splits} must divide the per-device batch {per_rank}")
-    if cfg.amp and cfg.amp_dtype not in ("bf16", "fp16"):
-        raise UsageError(f"--amp-dtype {cfg.amp_dtype!r}: choose bf16 or fp16")
-    if cfg.cuda_graph not in GRAPH_MODES:
-        raise UsageError(f"--cuda-graph {cfg.cuda_graph!r}: choose one of {', '.join(GRAPH_MODES)}")
-    if cfg.queue_dtype not in ("auto", "fp32", "bf16", "fp16"):
-        raise UsageError(f"--queue-dtype {cfg.queue_dtype!r}: choose fp32, bf16 or fp16")
-
-
-def data_roots(cfg: TrainConfig) -> tuple[str, str | None]:
-    """(train split, val split or None) of --data (data/sources.py: a folder with or without
-    train/ and val/, an image list, cifar10:DIR, ...). Without --data, the embedded demo set
-    (made once)."""
-    if cfg.data is None:
-        root = demo_dataset(seed=cfg.demo_seed, progress=cfg.progress)
-        return str(root / "train"), str(root / "val")
-    return splits(cfg.data)
-
-
-def check_queue_vs_data(cfg: TrainConfig, n_images: int, log=print) -> None:
-    """MoCo v1/v2's queue against the training set: an image's own key from its previous
-    appearance sits among its negatives once K nears the set's size."""
-    if cfg.method != "moco":
-        return
-    share = cfg.queue_size / n_images
-    if cfg.queue_size >= n_images and not cfg.allow_repeated_negatives:
-        raise UsageError(
-            f"--queue-size {cfg.queue_size} is at least the {n_images} training images: every "
-            "image's own key from its last appearance would be among its negatives, and the "
-            f"pretext task stops being learnable; use --queue-size below {n_images // 4} "
-            "(or pass --allow-repeated-negatives)"
-        )
-    if share > 0.25:
-        log(
-            f"warning: --queue-size {cfg.queue_size} is {share:.0%} of the {n_images} training "
-            "images; above a quarter, stale keys of the same images crowd the negatives and "
-            f"the loss can climb toward ln K (the official CIFAR demo uses 8%)",
-            flush=True,
-        )
-
-
-@dataclass
-class RunPlan:
-    """What rank 0 decided before training, sent to every rank."""
-
-    cfg: TrainConfig
-    train_root: str
-    val_root: str | None
-    out: str
-    state: dict | None  # the checkpoint to resume, loaded
-
-
-def plan_run(cfg: TrainConfig, explicit, device: str, lock: ckpt.RunLock) -> RunPlan:
-    """On the caller or torchrun's rank 0 only: the run directory (locked), the checkpoint
-    to resume and the configuration it implies, and the checks of config and data."""
-    out, resume_from = ckpt.prepare_run_dir(cfg.out, cfg.resume, cfg.preset)
-    lock.acquire(out)
-    ckpt.remove_stale_temps(out)
-    state = None
-    if resume_from is None:
-        ckpt.check_overwrite(out, cfg.force)
-    else:
-        state = ckpt.load_resumable(resume_from, cfg.trust_checkpoint)
-    if state is not None:
-        cfg = resume_config(cfg, state["config"], explicit).replace(out=str(out))
-    check_config(cfg)
-    if cfg.method == "membank" and cfg.loader == "auto":
-        cfg = cfg.replace(loader="torch")  # the bank needs the torch sampler's indices
-    if cfg.amp and cfg.amp_dtype == "fp16" and device != "cuda":
-        raise UsageError("--amp-dtype fp16 needs CUDA (GradScaler); use bf16 on the CPU")
-    if cfg.cuda_graph == "on" and device != "cuda":
-        raise UsageError("--cuda-graph on needs CUDA (this run is on the CPU); use auto or off")
-    if cfg.cuda_graph == "on" and cfg.amp and cfg.amp_dtype == "fp16":
-        raise UsageError(
-            "--cuda-graph on with --amp-dtype fp16: the GradScaler decides on the host whether "
-            "to skip a step, so that step is not captured; use --amp-dtype bf16 or --cuda-graph off"
-        )
-    train_root, val_root = data_roots(cfg)
-    source = open_source(train_root)  # fails early on a missing/empty dir
-    samples = source.samples
-    if cfg.knn_every is None:  # automatic cadence: the monitor under 5% of the image reads
-        n_val = len(open_source(val_root).samples) if val_root else 0
-        n_bank = min(len(samples), cfg.knn_bank) if cfg.knn_bank > 0 else len(samples)
-        cfg = cfg.replace(knn_every=knn_cadence(len(samples), n_bank, n_val))
-    if val_root is not None and cfg.knn_every > 0 and not bank_is_labelled(source):
-        print(
-            f"kNN monitor off: {train_root} is unlabelled (no class subdirectories); it needs "
-            "train/<class>/ and val/<class>/ folders",
-            flush=True,
-        )
-        val_root = None
-    if cfg.batch_size > len(samples):
-        raise UsageError(
-            f"--batch-size {cfg.batch_size} is larger than the dataset ({len(samples)} images "
-            f"under {train_root}); lower --batch-size"
-        )
-    check_queue_vs_data(cfg, len(samples))
-    if state is None:
-        ckpt.clear_run_outputs(out)  # only a --force'd or never-saved run's files are left
-    else:
-        truncate_records(out / "metrics.jsonl", state["global_step"])
-    write_config(cfg, out)  # the resolved config, for --config and for the record
-    return RunPlan(cfg, str(train_root), str(val_root) if val_root else None, str(out), state)
+from .notices import startup_lines
+from .optim import build_optimizer, ema_weight_at, lr_at
+from .plan import RunPlan, plan_run
+from .step import TrainStep, resolve_channels_last
 
 
 def train(cfg: TrainConfig, *, on_step=None, explicit: set[str] | None = None) -> dict:
@@ -215,7 +54,7 @@ def train(cfg: TrainConfig, *, on_step=None, explicit: set[str] | None = None) -
     step (tests use it to send a signal).
     """
     device = resolve_device(cfg.device, cfg.gpus)
-    check_numbers(cfg)
+    cfg.check()
     lock = ckpt.RunLock()
     try:
         results = launch(
@@ -230,12 +69,24 @@ def train(cfg: TrainConfig, *, on_step=None, explicit: set[str] | None = None) -
     if results.get("interrupted"):
         raise Interrupted(results["interrupted"], Path(results["out"]) / ckpt.CHECKPOINT_NAME)
     if results.get("nonfinite") is not None:
-        raise NonFiniteError(results["nonfinite"], results.get("last_checkpoint"))
+        step, kept = results["nonfinite"], results.get("last_checkpoint")
+        if results.get("nonfinite_reason"):  # --on-nonfinite skip gave up
+            raise DroppedStepsError(step, kept, results["nonfinite_reason"])
+        raise NonFiniteError(step, kept)
     return results
 
 
 def _train_rank(plan: RunPlan, on_step) -> dict:
+    if plan.done is not None:  # a finished run: say so, write nothing
+        if world()[0] == 0:
+            print(plan.done, flush=True)
+        return {"out": plan.out, "nothing_to_train": True, "history": plan.state["history"]}
     return Trainer(plan, on_step).fit()
+
+
+def plain_lines() -> bool:
+    """Output to a file or a pipe (a SLURM log): plain lines instead of progress bars."""
+    return not sys.stdout.isatty()
 
 
 class Trainer:
@@ -244,14 +95,19 @@ class Trainer:
         self.cfg, self.out, self.on_step = cfg, Path(plan.out), on_step
         self.rank, self.world_size = world()
         self.is_main = self.rank == 0
+        self.bars = cfg.progress and self.is_main and not plain_lines()
         self.device = local_device(resolve_device(cfg.device, 1))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.channels_last = resolve_channels_last(cfg.channels_last, cfg.amp, self.device)
         self.mf = torch.channels_last if self.channels_last else torch.contiguous_format
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
         workers, self.threads = cpu_plan(cfg.workers, ranks_here)
-        if self.device.type == "cpu":  # the model's operators share the cores with the workers
+        self.thread_tuner = None
+        if self.device.type == "cpu":  # the step's threads: given, or timed (cpu_threads.py)
+            self.threads = cfg.cpu_threads or self.threads
             torch.set_num_threads(self.threads)
+            if not cfg.cpu_threads:
+                self.thread_tuner = ThreadTuner(self.threads, workers)
 
         self.loader = build_train_loader(
             train_root,
@@ -290,17 +146,12 @@ class Trainer:
             )
             self.num_classes = len(self.knn_loaders[0].dataset.classes)
 
-        sampler = getattr(self.loader, "batch_sampler", None)
-        self.epoch_index = None  # membank: this rank's dataset indices of the epoch, in order
-        if cfg.method == "membank" and sampler is None:
-            raise UsageError("--method membank needs each sample's index: use --loader torch")
-        num_samples = sampler.num_samples if sampler is not None else 1
-        self.model = build_model(cfg, num_samples=num_samples).to_device(self.device)
+        sampler = self.loader.batch_sampler  # both loaders deal batches with it
+        self.epoch_index = None  # needs_index: this rank's dataset indices of the epoch
+        self.model = build_model(cfg, num_samples=sampler.num_samples).to(self.device)
         self.model.to(memory_format=self.mf)
-        self.is_moco = isinstance(self.model, MoCo)  # checkpoints: the official v1/v2 layout
-        if cfg.method == "mocov3" and self.world_size > 1 and self.device.type == "cuda":
-            # global BN statistics, as the official v3 (SyncBN needs CUDA)
-            for name in ("encoder_q", "encoder_k"):
+        if self.model.sync_bn and self.world_size > 1 and self.device.type == "cuda":
+            for name in ("encoder_q", "encoder_k"):  # global BN statistics (SyncBN: CUDA only)
                 bn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self.model, name))
                 setattr(self.model, name, bn)
         self.optimizer = build_optimizer(
@@ -319,6 +170,7 @@ class Trainer:
             amp_dtype=cfg.amp_dtype,
             momentum_schedule=cfg.moco_m_cos,
             cuda_graph=cfg.cuda_graph,
+            memory_format=self.mf,
         )
         self.scaler = self.train_step.scaler
         if self.world_size > 1:
@@ -327,7 +179,7 @@ class Trainer:
                 self.model.encoder_q = DDP(self.model.encoder_q, device_ids=ids)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.history, self.knn_random, self.bad_images = [], None, 0
+        self.history, self.knn_random, self.bad_images, self.bad_files = [], None, 0, []
         if plan.state is not None:
             self.load(plan.state)
         resumed_at = self.global_step + 1 if plan.state is not None else None
@@ -345,38 +197,22 @@ class Trainer:
         self.last_checkpoint = None
 
     # --- checkpoints -------------------------------------------------------------------
-    def _generators(self) -> list[torch.Generator]:
-        """The model's own random streams (shuffle BN, negatives sampling), for exact resume."""
-        return self.model.generators()
-
-    def _model_state(self) -> dict:
-        """MoCo v1/v2: the official pieces by name; other methods: everything but encoder_q
-        (key encoder, memory bank) as one state dict."""
-        m = self.model
-        if self.is_moco:
-            return {
-                "encoder_k": m.encoder_k.state_dict(),
-                "queue": m.queue,
-                "queue_ptr": m.queue_ptr,
-            }
-        rest = {k: v for k, v in m.state_dict().items() if not k.startswith("encoder_q.")}
-        return {"model": rest}
-
     def state(self) -> dict:
         m = self.model
         return {
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.recipe_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "encoder_q": m.query_encoder().state_dict(),
-            **self._model_state(),
+            **m.extra_state(),  # what the method keeps besides encoder_q (models/base.py)
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_states(*self._generators()),
+            "rng": ckpt.rng_states(*m.generators()),
             "history": self.history,
             "knn_random": self.knn_random,
             "bad_images": self.bad_images,
+            "bad_files": self.bad_files,
         }
 
     def save(self) -> Path:
@@ -395,41 +231,36 @@ class Trainer:
     def load(self, s: dict) -> None:
         m = self.model
         m.query_encoder().load_state_dict(s["encoder_q"])
-        if self.is_moco:
-            m.encoder_k.load_state_dict(s["encoder_k"])
-            m.queue.copy_(s["queue"])
-            m.queue_ptr.copy_(s["queue_ptr"])
-        else:
-            missing, unexpected = m.load_state_dict(s["model"], strict=False)
-            missing = [k for k in missing if not k.startswith("encoder_q.")]
-            if missing or unexpected:
-                raise UsageError(
-                    "the checkpoint was written by another method or model (missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]}); resume with the config it was trained with"
-                )
+        m.load_extra_state(s)
         self.optimizer.load_state_dict(s["optimizer"])
         self.train_step.bind_lr()  # the loaded groups hold the saved lr; read the step's
         self.scaler.load_state_dict(s["scaler"])
-        ckpt.set_rng_states(s["rng"], *self._generators())
+        ckpt.set_rng_states(s["rng"], *m.generators())
         self.epoch, self.step_in_epoch = s["epoch"], s["step_in_epoch"]
         self.global_step = s["global_step"]
         self.history, self.knn_random = s["history"], s["knn_random"]
-        self.bad_images = s["bad_images"]
+        if any(h["epoch"] == 0 for h in self.history):  # written when epochs counted from 0
+            self.history = [{**h, "epoch": h["epoch"] + 1} for h in self.history]
+        self.bad_images, self.bad_files = s["bad_images"], s.get("bad_files", [])
 
     # --- evaluation --------------------------------------------------------------------
     def knn(self) -> float | None:
         """kNN top-1 (%) of the query backbone; every rank encodes its shard of the splits."""
         if self.knn_loaders is None:
             return None
+        encoder = self.model.query_encoder()
+        net = encoder.backbone  # --knn-features head: after the projection head
+        if self.cfg.knn_features == "head":
+            net = torch.nn.Sequential(encoder.backbone, encoder.head)
         return knn_accuracy(
-            self.model.query_encoder().backbone,
+            net,
             *self.knn_loaders,
             self.device,
             num_classes=self.num_classes,
             k=self.cfg.knn_k,
             t=self.cfg.knn_t,
             channels_last=self.channels_last,
-            progress=self.cfg.progress and self.is_main,
+            progress=self.bars,
         )
 
     # --- the loop ----------------------------------------------------------------------
@@ -447,16 +278,14 @@ class Trainer:
         sig, first_bad = flags.tolist()
         return sig or None, first_bad
 
-    def step(
-        self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One step of the method (engine/step.py) at this step's lr and momentum; returns
-        (loss, top-1 hits) as device tensors, never read here, or None for a step dropped by
-        --on-nonfinite skip (the guard runs inside the step). index: the batch's dataset
-        indices (the memory bank needs them)."""
+    def step(self, im_q, im_k, index=None):
+        """One step of the method (engine/step.py) at this step's lr and EMA weight; returns
+        (loss, top-1 hits or None) as device tensors, never read here, or None for a step
+        dropped by --on-nonfinite skip (the guard runs inside the step). index: the
+        batch's dataset indices (for a method that needs_index)."""
         cfg, t, n = self.cfg, self.global_step, self.steps_per_epoch
-        m = momentum_at(cfg, t, n) if cfg.moco_m_cos else None
-        return self.train_step(im_q, im_k, index, lr=lr_at(cfg, t, n), momentum=m)
+        w = ema_weight_at(cfg, t, n) if cfg.moco_m_cos else None
+        return self.train_step(im_q, im_k, index, lr=lr_at(cfg, t, n), ema_weight=w)
 
     def _batch_index(self) -> torch.Tensor | None:
         """Dataset indices of the batch at step_in_epoch: the loader's batch sampler is
@@ -466,71 +295,120 @@ class Trainer:
         B = self.cfg.batch_size // self.world_size
         return self.epoch_index[self.step_in_epoch * B : (self.step_in_epoch + 1) * B]
 
-    def train_epoch(self) -> tuple[float, float]:
-        """(mean loss, pretext top-1 % on this rank) over the steps run in this epoch."""
+    def _log_window(self, win_loss, win_steps, n_ok, seconds) -> None:
+        """The loss of the last window (the one host sync per window), to the bar, the
+        metrics and, without a terminal, one plain line."""
+        cfg = self.cfg
+        wl = win_loss.item() / n_ok if n_ok else None
+        ips = win_steps * cfg.batch_size / seconds
+        lr = self.train_step.lr_value  # the host's copy: no read of the device's
+        shown = "dropped" if wl is None else f"{wl:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix(loss=shown, lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+        elif self.is_main and cfg.progress:
+            print(
+                f"step {self.global_step} | epoch {self.epoch + 1}/{cfg.epochs} "
+                f"{self.step_in_epoch}/{self.steps_per_epoch} | loss {shown} | lr {lr:.4g} | "
+                f"{ips:.0f} img/s",
+                flush=True,
+            )
+        extra = {"skipped_steps": self.guard.skipped} if self.guard.skipped else {}
+        self.log.log("step", self.global_step, loss=wl, lr=lr, images_per_s=ips, **extra)
+
+    def train_epoch(self) -> tuple[float | None, float | None]:
+        """(mean loss, pretext top-1 % on this rank) over the steps run in this epoch: None
+        when no step was taken (all dropped) or the method reports no ranking."""
         cfg, dev = self.cfg, self.device
         self.model.train()
         self.loader.set_epoch(self.epoch, self.step_in_epoch)
         loss_sum = torch.zeros((), device=dev)
         hits = torch.zeros((), device=dev, dtype=torch.long)
+        counted = True
         win_loss, win_steps, win_t0 = torch.zeros((), device=dev), 0, time.perf_counter()
         win_skipped0 = self.guard.skipped
         steps_done = 0
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=self.step_in_epoch,
-            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-            disable=not (self.is_main and cfg.progress),
-            leave=False,
-            dynamic_ncols=True,
-        )
+        self.bar = None
+        if self.bars:
+            self.bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.step_in_epoch,
+                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
         if self.model.needs_index:
             idx = self.loader.batch_sampler.epoch_indices()
             self.epoch_index = torch.tensor(idx, dtype=torch.long, device=dev)
+        if self.thread_tuner is not None:
+            self.thread_tuner.epoch_start()
         for im_q, im_k, _, n_bad in self.loader:
-            im_q = im_q.to(dev, non_blocking=True, memory_format=self.mf)
-            im_k = im_k.to(dev, non_blocking=True, memory_format=self.mf)
             stepped = self.step(im_q, im_k, self._batch_index())
-            self.bad_images += int(n_bad)  # a CPU tensor from the loader: no device sync
+            if self.thread_tuner is not None:
+                self._tune_threads()
+            if int(n_bad):  # a CPU tensor from the loader: no device sync
+                self._note_bad_images(int(n_bad))
             if stepped is not None:  # None: dropped by --on-nonfinite skip
                 loss_sum += stepped[0]
                 win_loss += stepped[0]
-                hits += stepped[1]
+                if stepped[1] is None:
+                    counted = False
+                else:
+                    hits += stepped[1]
                 steps_done += 1
             win_steps += 1
             self.step_in_epoch += 1
             self.global_step += 1
-            bar.update(1)
+            if self.bar is not None:
+                self.bar.update(1)
             if self.on_step is not None:
                 self.on_step(self.global_step)
             save_due = cfg.save_every and self.global_step - self.last_saved_step >= cfg.save_every
             at_log = win_steps == cfg.log_every or self.step_in_epoch == self.steps_per_epoch
             if at_log:
                 n_ok = win_steps - (self.guard.skipped - win_skipped0)  # steps not dropped
-                wl = win_loss.item() / n_ok if n_ok else None  # the one host sync per window
-                ips = win_steps * cfg.batch_size / (time.perf_counter() - win_t0)
-                lr = self.train_step.lr_value  # the host's copy: no read of the device's
-                shown = "dropped" if wl is None else f"{wl:.3f}"
-                bar.set_postfix(loss=shown, lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
-                extra = {"skipped_steps": self.guard.skipped} if self.guard.skipped else {}
-                self.log.log("step", self.global_step, loss=wl, lr=lr, images_per_s=ips, **extra)
+                self._log_window(win_loss, win_steps, n_ok, time.perf_counter() - win_t0)
                 win_loss.zero_()
                 win_steps, win_t0, win_skipped0 = 0, time.perf_counter(), self.guard.skipped
             # across ranks the agreement costs a collective: only at log boundaries and saves
             if self.world_size == 1 or at_log or save_due:
                 sig, first_bad = self._agree(check_values=at_log or bool(save_due))
                 if first_bad >= 0:
-                    bar.close()
+                    self._close_bar()
                     raise _NonFinite(first_bad + 1)  # counted from 1, as in metrics.jsonl
                 if sig:
-                    bar.close()
+                    self._close_bar()
                     raise _StopRequested()
                 if save_due and self.step_in_epoch < self.steps_per_epoch:
                     self.save()  # the epoch's end saves after its kNN
-        bar.close()
-        n = max(steps_done, 1)
-        top1 = 100.0 * hits.item() / (n * cfg.batch_size // self.world_size)
-        return loss_sum.item() / n, top1
+        self._close_bar()
+        if steps_done == 0:
+            return None, None
+        top1 = 100.0 * hits.item() / (steps_done * cfg.batch_size // self.world_size)
+        return loss_sum.item() / steps_done, top1 if counted else None
+
+    def _tune_threads(self) -> None:
+        line = self.thread_tuner.step_done()
+        if line is not None:
+            self.threads = torch.get_num_threads()
+            if self.is_main:
+                (self.bar.write if self.bar is not None else print)(line)
+
+    def _note_bad_images(self, n_bad: int) -> None:
+        """Count the batch's skipped files, and name the first few (the batch's indices come
+        from the sampler both loaders deal by, so its files can be read again)."""
+        self.bad_images += n_bad
+        if len(self.bad_files) < 5:
+            B = self.cfg.batch_size // self.world_size
+            s = self.step_in_epoch
+            indices = self.loader.batch_sampler.epoch_indices()[s * B : (s + 1) * B]
+            for path in unreadable_files(self.loader.samples, indices, limit=5):
+                if path not in self.bad_files and len(self.bad_files) < 5:
+                    self.bad_files.append(path)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def fit(self) -> dict:
         handlers = {}
@@ -541,27 +419,30 @@ class Trainer:
                 pass
         try:
             return self._fit()
+        except Exception as e:  # a fault of the machine: one line and exit 75 (engine/faults.py)
+            kept = self.last_checkpoint or ckpt.newest_complete(self.out)
+            fault = faults.as_fault(e, run_dir=self.out, kept=kept, step=self.global_step)
+            if fault is None:
+                raise
+            raise fault from e
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.log.close()
 
+    def _banner(self) -> None:
+        lines = startup_lines(
+            self.cfg, self.model, self.loader.description, self.train_step.describe(),
+            world_size=self.world_size, device=self.device, threads=self.threads,
+            steps_per_epoch=self.steps_per_epoch, out=self.out, channels_last=self.channels_last,
+        )  # fmt: skip
+        for line in lines:
+            print(line, flush=True)
+
     def _fit(self) -> dict:
         cfg = self.cfg
         if self.is_main:
-            n = self.world_size
-            print(
-                f"fastmoco: {cfg.preset} {cfg.arch} on {n} x {self.device.type}, "
-                f"batch {cfg.batch_size}, K={cfg.queue_size}, {self.steps_per_epoch} steps/epoch, "
-                f"out {self.out}",
-                flush=True,
-            )
-            threads = f", {self.threads} intra-op threads" if self.device.type == "cpu" else ""
-            print(f"loader: {self.loader.description}{threads}", flush=True)
-            for line in startup_notices(cfg, self.world_size, self.loader.description):
-                print(line, flush=True)
-            print(self.train_step.describe(), flush=True)
-            print(precision_line(cfg, self.channels_last, self.model), flush=True)
+            self._banner()
         if self.knn_random is None and self.global_step == 0:
             self.knn_random = self.knn()
             if self.is_main and self.knn_random is not None:
@@ -576,20 +457,22 @@ class Trainer:
                 if cfg.knn_every > 0 and ((self.epoch + 1) % cfg.knn_every == 0 or last):
                     top1 = self.knn()
                 rec = dict(
-                    epoch=self.epoch,
+                    epoch=self.epoch + 1,  # counted from 1, as the console and the curves
                     loss=loss,
                     train_top1=train_top1,
                     knn_top1=top1,
                     seconds=time.perf_counter() - t0,
+                    graphed=self.train_step.use_graph,
                 )
                 self.history.append(rec)
                 self.log.log(
                     "epoch", self.global_step, **{k: v for k, v in rec.items() if v is not None}
                 )
                 if self.is_main:
+                    loss_s = "no step taken (all dropped)" if loss is None else f"loss {loss:.4f}"
                     knn_s = f", kNN top-1 {top1:.2f}%" if top1 is not None else ""
                     print(
-                        f"epoch {self.epoch + 1}/{cfg.epochs}: loss {loss:.4f}{knn_s} "
+                        f"epoch {self.epoch + 1}/{cfg.epochs}: {loss_s}{knn_s} "
                         f"({rec['seconds']:.1f} s)",
                         flush=True,
                     )
@@ -618,25 +501,37 @@ class Trainer:
             "skipped_steps": self.guard.skipped,
         }
         if self.is_main:
-            plot_curves(
-                self.history,
-                self.knn_random,
-                self.out / "curves.png",
-                f"fastmoco {cfg.preset}",
-                loss_ceiling=math.log(cfg.queue_size + 1) if self.is_moco else None,
-            )
-            if cfg.skip_bad_images and self.bad_images:
-                print(f"skipped {self.bad_images} unreadable image reads", flush=True)
-            if self.guard.skipped:
-                print(f"dropped {self.guard.skipped} steps with NaN/inf values", flush=True)
-            if results["knn_final"] is not None:
-                print(
-                    f"kNN top-1 on the val split: trained {results['knn_final']:.2f}% "
-                    f"vs random init {self.knn_random:.2f}% (k={cfg.knn_k}, t={cfg.knn_t})",
-                    flush=True,
-                )
-            print(f"run written to {self.out} (checkpoint.pt, metrics.jsonl, tb/, curves.png)")
+            self._finish(results)
         return results
+
+    def _finish(self, results: dict) -> None:
+        cfg = self.cfg
+        plot_curves(
+            self.history,
+            self.knn_random,
+            self.out / "curves.png",
+            f"fastmoco {cfg.preset}",
+            loss_ceiling=self.model.loss_ceiling(cfg.batch_size // self.world_size),
+        )
+        if cfg.skip_bad_images and self.bad_images:
+            more = ", ..." if self.bad_images > len(self.bad_files) else ""
+            print(
+                f"skipped {self.bad_images} reads of unreadable images: "
+                f"{', '.join(self.bad_files)}{more}",
+                flush=True,
+            )
+        if self.guard.skipped:
+            print(f"dropped {self.guard.skipped} steps with NaN/inf values", flush=True)
+        if results["knn_final"] is not None:
+            print(
+                f"kNN top-1 on the val split: trained {results['knn_final']:.2f}% "
+                f"vs random init {self.knn_random:.2f}% (k={cfg.knn_k}, t={cfg.knn_t}, "
+                f"{cfg.knn_features} features)",
+                flush=True,
+            )
+        files = sorted(p.name + ("/" if p.is_dir() else "") for p in self.out.iterdir()
+                       if p.name != ckpt.LOCK_NAME)  # fmt: skip
+        print(f"run written to {self.out}: {', '.join(files)}", flush=True)
 
     def _nonfinite(self, e: "_NonFinite") -> dict:
         if self.is_main and e.detail:
@@ -644,17 +539,8 @@ class Trainer:
         last = self.last_checkpoint
         if last is None and (self.out / ckpt.CHECKPOINT_NAME).is_file():
             last = str(self.out / ckpt.CHECKPOINT_NAME)
-        return {"out": str(self.out), "nonfinite": e.step, "last_checkpoint": last}
-
-
-def precision_line(cfg: TrainConfig, channels_last: bool, model) -> str:
-    """AMP, memory format and queue dtype, said once at the start of a run."""
-    amp = f"AMP {cfg.amp_dtype} autocast" if cfg.amp else "fp32 (no AMP)"
-    how = "given" if cfg.channels_last is not None else "default: on with --amp on CUDA"
-    fmt = f"channels_last {'on' if channels_last else 'off'} ({how})"
-    queue = getattr(model, "queue", None)
-    q = f", queue {str(queue.dtype).removeprefix('torch.')}" if queue is not None else ""
-    return f"precision: {amp}, {fmt}{q}"
+        return {"out": str(self.out), "nonfinite": e.step, "last_checkpoint": last,
+                "nonfinite_reason": self.guard.breach}  # fmt: skip
 
 
 class _StopRequested(Exception):
@@ -665,3 +551,4 @@ class _NonFinite(Exception):
     def __init__(self, step: int, detail: str = ""):
         super().__init__(step)
         self.step, self.detail = step, detail
+

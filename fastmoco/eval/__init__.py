@@ -1,11 +1,5 @@
-"""Evaluation of pre-trained encoders: the weighted kNN monitor (knn), `fastmoco knn`
-(knn_command) and linear classification (lincls).
-
-Imports run one way: engine.trainer imports eval.knn, and eval.knn_command / eval.lincls
-import engine (checkpoints in, run directories); this package imports only knn, so
-importing it never pulls in engine.
+"""Evaluation of pre-trained encoders: `fastmoco knn` (knn_command) and the linear
+classification protocols (lincls). Both read a checkpoint's settings from it
+(engine/checkpoint_io.py) and use the engine's kNN monitor (engine/knn.py), run
+directories and launch: this package sits above the engine and nothing below imports it.
 """
-
-from .knn import build_knn_loaders, extract_features, knn_accuracy, knn_predict
-
-__all__ = ["build_knn_loaders", "extract_features", "knn_accuracy", "knn_predict"]

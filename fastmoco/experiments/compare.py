@@ -12,7 +12,7 @@ Table 3). Step time and memory are measured apart from training, on random batch
 training shape, so data loading does not enter them: median of timed steps after warm-up
 (CUDA: 5 after 2, CPU: 3 after 1); memory is CUDA's peak allocation, or on the CPU the peak
 bytes of live tensors created during the step (a lower bound of the process's growth; see
-fastmoco/engine/memory.py).
+fastmoco/experiments/measure.py).
 
 Everything else is held equal: backbone, head, augmentation, temperature, learning-rate
 rule (base lr x batch/256, cosine), epochs. End-to-end at large K means a large batch and
@@ -20,18 +20,18 @@ therefore few steps per epoch: the constraint MoCo was designed to remove.
 """
 
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from fastmoco.config import PRESETS, TrainConfig
-from fastmoco.engine.memory import peak_extra_bytes
 from fastmoco.engine.optim import build_optimizer
 from fastmoco.engine.step import TrainStep
 from fastmoco.errors import UsageError
 from fastmoco.models import build_model
+
+from .measure import peak_extra_bytes, time_calls
 
 MECHANISMS = {"end-to-end": "simclr", "memory bank": "membank", "moco": "moco"}
 CPU_KS = (256, 1024, 4096)
@@ -55,7 +55,7 @@ def measure_step(
     """(median seconds per training step, peak extra bytes of one step) on random batches,
     the trainer's step object (engine/step.py) run eagerly, whatever the method."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_samples=num_samples).to_device(device).train()
+    model = build_model(cfg, num_samples=num_samples).to(device).train()
     opt = build_optimizer(
         cfg.optimizer,
         model.encoder_q.parameters(),
@@ -71,17 +71,8 @@ def measure_step(
     def one_step():
         step(im_q, im_k, index, lr=1e-3)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        one_step()
-    times = []
-    for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        one_step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak_extra_bytes(one_step, device)
+    t = time_calls(one_step, device, steps=steps, warmup=warmup)
+    return t.median, peak_extra_bytes(one_step, device)
 
 
 def run_comparison(
@@ -95,7 +86,8 @@ def run_comparison(
 ) -> list[dict]:
     """Train and measure every (mechanism, K); returns one row per pair, also written to
     out/compare.json as it goes (a long comparison can be inspected half-way)."""
-    from fastmoco.engine.trainer import check_config, train
+    from fastmoco.engine.plan import check_config
+    from fastmoco.engine.trainer import train
 
     train_fn = train_fn or train
     device = torch.device("cuda" if base.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -191,7 +183,7 @@ def compare(
     out and return the rows. None means the preset's value (preset: demo without data, else
     mocov2; epochs: 3 on the CPU, 20 on CUDA; ks: CPU_KS or GPU_KS)."""
     from fastmoco.data import scan_image_folder
-    from fastmoco.engine.trainer import data_roots
+    from fastmoco.engine.plan import data_roots
 
     cuda = device != "cpu" and torch.cuda.is_available()
     preset = preset or ("demo" if data is None else "mocov2")

@@ -1,4 +1,5 @@
-"""Weighted kNN monitor (Wu et al. 2018, InstDisc), as used by MoCo's CIFAR demo.
+"""Weighted kNN monitor (Wu et al. 2018, InstDisc), as used by MoCo's CIFAR demo: the
+trainer's monitor, and `fastmoco knn`'s (eval/knn_command.py).
 
 Features are L2-normalised backbone outputs. Each val sample's k nearest train samples by
 cosine similarity vote for their class with weight exp(sim / t); the top vote is the

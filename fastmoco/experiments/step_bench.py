@@ -14,23 +14,29 @@ Rows, per size (arch, crop, per-device batch):
                   data folder is given; the other rows use device-resident random images
 
 Timing: median seconds per step over `steps` timed steps after `warmup` (CUDA: synchronized
-around each step). Memory: CUDA, the peak allocated over setup and steps (the whole
-training state: weights, optimizer, queue, activations); CPU, the peak bytes of tensors a
-step creates (fastmoco/engine/memory.py, a lower bound).
+around each step; measure.time_calls), with the spread of the steps. Memory: CUDA, the
+peak allocated over setup and steps (the whole training state: weights, optimizer, queue,
+activations); CPU, the peak bytes of tensors a step creates (measure.py, a lower bound).
+
+A row is flagged as not trustworthy when its steps spread widely (another job took the
+machine's cores while it ran) or when it runs faster than the networks-only floor (which
+a step cannot: it does that work and more); the table says so under it.
 """
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
 from fastmoco.config import TrainConfig
-from fastmoco.engine.memory import peak_extra_bytes
-from fastmoco.engine.official_step import OfficialMoCo, OfficialStep
 from fastmoco.engine.optim import build_optimizer
 from fastmoco.engine.step import TrainStep
 from fastmoco.models import build_model
+from fastmoco.ops._common import kernel_failures
+
+from .measure import peak_extra_bytes, time_calls
+from .official_step import OfficialMoCo, OfficialStep
+
+SPREAD_LIMIT = 0.25  # (p80 - p20) / median above this: the machine was not quiet
 
 
 @dataclass(frozen=True)
@@ -65,18 +71,10 @@ def _config(size: Size, K: int, queue_dtype: str, amp: bool) -> TrainConfig:
     )
 
 
-def _timed(fn, device, steps, warmup) -> float:
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn, device, steps, warmup) -> tuple[float, float]:
+    """(median seconds, spread) of one step."""
+    t = time_calls(fn, device, steps=steps, warmup=warmup)
+    return t.median, t.spread
 
 
 def _peak(fn, device) -> int:
@@ -109,8 +107,9 @@ def official_row(size: Size, device, *, K, steps, warmup) -> dict:
     ).to(device)
     step = OfficialStep(model)
     x_q, x_k = _images(size, device, channels_last=False)
-    sec = _timed(lambda: step(x_q, x_k), device, steps, warmup)
-    return dict(row="official (fp32)", sec=sec, peak=_peak(lambda: step(x_q, x_k), device))
+    sec, spread = _timed(lambda: step(x_q, x_k), device, steps, warmup)
+    return dict(row="official (fp32)", sec=sec, spread=spread,
+                peak=_peak(lambda: step(x_q, x_k), device))  # fmt: skip
 
 
 def fastmoco_step(size: Size, device, *, K, queue_dtype: str, graph: bool, amp=True):
@@ -131,11 +130,20 @@ def fastmoco_step(size: Size, device, *, K, queue_dtype: str, graph: bool, amp=T
 
 def fastmoco_row(size: Size, device, *, K, queue_dtype, graph, steps, warmup) -> dict:
     _fresh(device)
+    failures_before = kernel_failures()
     step, (x_q, x_k) = fastmoco_step(size, device, K=K, queue_dtype=queue_dtype, graph=graph)
     run = lambda: step(x_q, x_k, lr=0.03)  # noqa: E731
-    sec = _timed(run, device, steps, max(warmup, step.warmup_steps + 1 if graph else warmup))
+    sec, spread = _timed(
+        run, device, steps, max(warmup, step.warmup_steps + 1 if graph else warmup)
+    )
     name = f"fastmoco {'graph' if graph else 'eager'} AMP bf16, queue {queue_dtype}"
-    return dict(row=name, sec=sec, peak=_peak(run, device))
+    # A fused kernel that failed and fell back to torch makes this row time another path.
+    fell_back = sorted(
+        op for op, kinds in kernel_failures().items() if kinds.keys() - failures_before.get(op, {})
+    )
+    return dict(row=name, sec=sec, spread=spread, peak=_peak(run, device),
+                use_graph=step.use_graph, graph_reason=step.reason,
+                fell_back=fell_back)  # fmt: skip
 
 
 def networks_row(size: Size, device, *, K, steps, warmup) -> dict:
@@ -151,8 +159,8 @@ def networks_row(size: Size, device, *, K, steps, warmup) -> dict:
                 enc_k(x_k)
         q.float().sum().backward()
 
-    sec = _timed(run, device, steps, warmup)
-    return dict(row="networks only (floor)", sec=sec, peak=_peak(run, device))
+    sec, spread = _timed(run, device, steps, warmup)
+    return dict(row="networks only (floor)", sec=sec, spread=spread, peak=_peak(run, device))
 
 
 def loader_row(size: Size, device, data, *, K, steps, warmup, graph) -> dict:
@@ -176,10 +184,12 @@ def loader_row(size: Size, device, data, *, K, steps, warmup, graph) -> dict:
         step(x_q.to(device, non_blocking=True, memory_format=mf),
              x_k.to(device, non_blocking=True, memory_format=mf), lr=0.03)  # fmt: skip
 
-    sec = _timed(run, device, steps, max(warmup, step.warmup_steps + 1 if graph else warmup))
+    sec, spread = _timed(
+        run, device, steps, max(warmup, step.warmup_steps + 1 if graph else warmup)
+    )
     mode = "graph" if graph else "eager"
     return dict(row=f"fastmoco {mode} + real loader ({loader.description.split(' ')[0]})",
-                sec=sec, peak=_peak(run, device))  # fmt: skip
+                sec=sec, spread=spread, peak=_peak(run, device))  # fmt: skip
 
 
 def _forever(loader):
@@ -208,22 +218,43 @@ def bench_size(size: Size, device, *, K, steps, warmup, data=None, queues=("fp32
     for r in rows:
         r.update(size=str(size), images_per_s=size.batch / r["sec"], peak_mib=r["peak"] / 2**20,
                  speedup=base / r["sec"], floor_share=floor["sec"] / r["sec"])  # fmt: skip
+        r["trust"] = _doubt(r)
     return rows
+
+
+def _doubt(row: dict) -> str:
+    """ "" for a row to believe, else why not (module doc)."""
+    if row.get("fell_back"):
+        return "fell back to torch: " + ", ".join(row["fell_back"])
+    if row["spread"] > SPREAD_LIMIT:
+        return f"steps spread {100 * row['spread']:.0f}%"
+    if row["floor_share"] > 1.05 and not row["row"].startswith("networks"):
+        return "faster than the networks alone"
+    return ""
 
 
 def markdown(rows: list[dict], device_name: str) -> str:
     lines = [
         f"Device: {device_name}. One MoCo v2 training step; images/s = per-device batch / "
-        "median step time.",
+        "median step time; spread = (p80 - p20) / median of the timed steps.",
         "",
-        "| size | step | images/s | x official | floor share | peak MiB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| size | step | images/s | spread | x official | floor share | peak MiB | |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        flag = f"not trustworthy: {r['trust']}" if r["trust"] else ""
         lines.append(
-            f"| {r['size']} | {r['row']} | {r['images_per_s']:.0f} | {r['speedup']:.2f} | "
-            f"{100 * r['floor_share']:.0f}% | {r['peak_mib']:.0f} |"
+            f"| {r['size']} | {r['row']} | {r['images_per_s']:.0f} | {100 * r['spread']:.0f}% | "
+            f"{r['speedup']:.2f} | {100 * r['floor_share']:.0f}% | {r['peak_mib']:.0f} | {flag} |"
         )
+    doubtful = [r for r in rows if r["trust"]]
+    if doubtful:
+        lines += [
+            "",
+            f"{len(doubtful)} of {len(rows)} rows are not trustworthy (marked): the machine was "
+            "busy while they ran. Rerun on a quiet machine (or with more --steps) before "
+            "quoting them.",
+        ]
     return "\n".join(lines) + "\n"
 
 

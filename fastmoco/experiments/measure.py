@@ -1,4 +1,10 @@
-"""How much memory one call adds: for the benchmarks and `fastmoco compare`.
+"""How long one call takes and how much memory it adds: the one measuring helper of
+`fastmoco bench` (step_bench.py), `fastmoco compare` and the benchmarks of bench/.
+
+Time (time_calls): `warmup` untimed calls, then `steps` timed ones, each between two
+synchronisations of the device (CUDA: torch.cuda.synchronize; the CPU runs in order), on
+perf_counter. A Timing keeps every call's seconds: the median to quote, and the 20th and
+80th percentiles for the spread (a wide one says the machine was busy).
 
 Peak extra memory, per device:
   CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus what was
@@ -13,7 +19,10 @@ Peak extra memory, per device:
         which is what distinguishes a chunked loss from one that builds N x K logits.
 """
 
+import statistics
+import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,3 +68,42 @@ def peak_extra_bytes(fn, device: torch.device) -> int:
     with LiveStorageBytes() as tracker:
         fn()
     return tracker.peak
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of each timed call."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile (0-100), interpolated between the sorted calls."""
+        s = sorted(self.seconds)
+        x = (len(s) - 1) * q / 100
+        lo = int(x)
+        return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (x - lo)
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median: 0.1 means the middle 60 % of the calls lie within 10 %."""
+        return (self.percentile(80) - self.percentile(20)) / self.median
+
+
+def time_calls(fn, device, *, steps: int, warmup: int) -> Timing:
+    """Timing of `steps` calls of fn after `warmup` untimed ones (module doc)."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return Timing(tuple(times))
