@@ -1,5 +1,5 @@
 """Shared pieces of the benchmark suite: where it ran, how much memory a call added
-(fastmoco.engine.memory.peak_extra_bytes, whose doc says how it is counted on CPU and CUDA),
+(fastmoco.experiments.measure.peak_extra_bytes, whose doc says how it is counted on CPU and CUDA),
 and the comparison table printed after the timings."""
 
 import os
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmoco.engine.memory import peak_extra_bytes
+from fastmoco.experiments.measure import peak_extra_bytes
 
 _PEAKS: list[tuple[str, int]] = []  # (test id, peak extra bytes), printed at the end
 

@@ -3,8 +3,8 @@
 At MoCo's sizes the device work of the momentum update and of info_nce is tens of
 microseconds, so in eager training the host decides the step time. This file times the
 public ops with every Triton launch replaced by a no-op, so that on any machine (the CPU CI
-included) it measures exactly what the host does per call, beside the PyTorch baselines on
-the same machine in the same run.
+included) it measures what the host does per call, beside the PyTorch baselines on the
+same machine in the same run.
 
 Run: pytest bench/test_host_overhead.py --benchmark-only (part of `pytest bench/`).
 
@@ -17,7 +17,20 @@ allocation, dtype casts. Triton's own launch costs, on a GPU machine, come on to
 are the same for any Triton kernel and are not measured here). Each case first checks
 that a call does reach the stub, so a fallback to the PyTorch path cannot be timed.
 
-Inputs (the tensors are tiny, so the PyTorch baselines measure their dispatch, not compute):
+Host work, not the CPU doing the GPU's work. On a CPU machine the tensors are CPU tensors
+(the kernels' CPU path is the Triton interpreter, which the stub replaces), so every aten
+op around the launches (an allocation, a reduction, backward's multiplication, the
+gradient's accumulation) also does its arithmetic on the CPU, work that a GPU does
+asynchronously after a launch of a few microseconds. So the timed calls use tiny tensors
+(the "host" groups): the same code path, decision for decision, whose aten ops cost their
+dispatch and allocation but next to no arithmetic; each row's name counts the launches one
+call makes on a GPU (Triton kernels, and aten ops other than allocations and views,
+counted once per case with a TorchDispatchMode), since each adds a launch's host time on a
+GPU that the CPU run cannot show. A group at MoCo's real sizes on CPU tensors shows what
+that arithmetic adds on this CPU (for info_nce; Algorithm 1 there would time a
+256 x 65536 matmul, not host work).
+
+Inputs (the PyTorch baselines measure their dispatch, not compute):
   momentum_update_: the 161 parameters of torchvision's ResNet-50, each reshaped to one
     element with its rank kept (a conv weight becomes 1x1x1x1); the module tree is
     ResNet-50's. Rows: `loop` (the official per-parameter loop,
@@ -26,11 +39,15 @@ Inputs (the tensors are tiny, so the PyTorch baselines measure their dispatch, n
     `fastmoco modules` (momentum_update_ with backend="triton" on the lists and on the two
     modules), `ema_ (plan held)` (kernels/ema.py's ema_ with its plan built once: the floor
     of the public op's path).
-  info_nce: MoCo's call (q needs a gradient; k and the queue do not), N = 256, K = 65536,
-    C = 128, fp32, queue = buf.T of the official (C, K) buffer, backend="triton":
-    `forward` and `forward+backward`.
-On a CPU machine the tensors are CPU tensors (the kernels' CPU path is the Triton
-interpreter, which the stub replaces); on a GPU machine, CUDA tensors.
+  info_nce: MoCo's call (q needs a gradient; k and the queue do not; queue = buf.T of the
+    official (C, K) buffer, fp32, T = 0.2), backend="triton", forward and forward+backward
+    (q.grad set to None before each call, as zero_grad does: in training q is the
+    encoder's output and no gradient accumulates into it). Host group: N = 8, K = 64,
+    C = 16, beside MoCo's Algorithm 1 on the same tensors, the official builder's loss
+    lines (normalize, einsum against a clone of the buffer, cat, cross-entropy) in fp32 and
+    under bf16 autocast (bench/measure.py's algorithm1). CPU-arithmetic group: N = 256,
+    K = 65536, C = 128.
+On a GPU machine the tensors are CUDA tensors (there the aten ops are real launches).
 """
 
 import copy
@@ -41,6 +58,7 @@ import pkgutil
 
 import pytest
 import torch
+from measure import algorithm1
 from torchvision.models import resnet50
 
 from fastmoco.ops import info_nce, momentum_update_
@@ -146,31 +164,105 @@ def test_momentum_update_host(benchmark, stubbed_launches, report_row, env_info,
         _time(benchmark, fn, group, impl, report_row, env_info, "foreach_lerp")
 
 
+# aten ops that launch nothing on a GPU: allocations and views
+_NO_LAUNCH = {
+    "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "as_strided", "detach",
+    "alias", "t", "transpose", "unsqueeze", "squeeze", "expand", "permute", "slice", "select",
+    "split", "split_with_sizes", "unbind", "lift_fresh",
+}  # fmt: skip
+
+
+def device_launches(fn, stub) -> tuple[int, int]:
+    """(Triton launches, launching aten ops) of one call of fn."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _NO_LAUNCH:
+                Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    before = stub.launches
+    with Count():
+        fn()
+    return stub.launches - before, Count.ops
+
+
 @functools.cache
-def _info_nce_inputs(n=256, k=65536, c=128):
+def _info_nce_inputs(n, k, c):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(n, c, generator=gen).to(DEVICE).requires_grad_(True)
-    key = torch.randn(n, c, generator=gen).to(DEVICE)
-    buf = torch.randn(c, k, generator=gen).to(DEVICE)  # the official (C, K) buffer
-    return q, key, buf.T
+    key = torch.nn.functional.normalize(torch.randn(n, c, generator=gen), dim=1).to(DEVICE)
+    buf = torch.nn.functional.normalize(torch.randn(c, k, generator=gen), dim=0).to(DEVICE)
+    return q, key, buf  # buf: the official (C, K) buffer
 
 
-@pytest.mark.parametrize("impl", ["forward", "forward+backward"])
-def test_info_nce_host(benchmark, stubbed_launches, report_row, env_info, impl):
-    q, key, queue = _info_nce_inputs()
+def algorithm1_fp32(q, k, buf, temperature):
+    """MoCo's Algorithm 1 as the official builder.py writes it (fp32, no autocast)."""
+    q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = torch.einsum("nc,ck->nk", q, buf.clone().detach())
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=q.device)
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+INFO_NCE_IMPLS = {
+    "fastmoco": lambda q, k, buf: info_nce(q, k, buf.T, 0.2, backend="triton"),
+    "Algorithm 1": lambda q, k, buf: algorithm1_fp32(q, k, buf, 0.2),
+    "Algorithm 1, bf16 autocast": lambda q, k, buf: algorithm1(q, k, buf, 0.2),
+}
+HOST_SIZES, MOCO_SIZES = (8, 64, 16), (256, 65536, 128)
+
+
+def _info_nce_call(impl, pass_, sizes):
+    q, key, buf = _info_nce_inputs(*(HOST_SIZES if sizes == "host" else MOCO_SIZES))
+    loss_fn = INFO_NCE_IMPLS[impl]
 
     def forward():
-        return info_nce(q, key, queue, 0.2, backend="triton")
+        return loss_fn(q, key, buf)
 
     def forward_backward():
+        q.grad = None
         forward().backward()
 
-    fn = forward if impl == "forward" else forward_backward
-    fn()  # warm-up
-    before = stubbed_launches.launches
-    fn()
-    assert stubbed_launches.launches > before, "info_nce did not take the Triton kernels"
-    group = f"host, launch stubbed: info_nce N=256 K=65536 C=128 fp32 ({DEVICE})"
-    _time(benchmark, fn, group, impl, report_row, env_info, None)
-    if impl == "forward+backward":
+    return forward if pass_ == "forward" else forward_backward
+
+
+_ROW_NAMES: dict[tuple, str] = {}
+
+
+def _row_name(impl, pass_, sizes, stub) -> str:
+    """impl with the launches one call makes on a GPU, counted once (after a warm-up)."""
+    if (impl, pass_, sizes) not in _ROW_NAMES:
+        fn = _info_nce_call(impl, pass_, sizes)
+        fn()  # warm-up: plans, first dispatch
+        triton_launches, aten_launches = device_launches(fn, stub)
+        if impl == "fastmoco":
+            assert triton_launches > 0, "info_nce did not take the Triton kernels"
+        name = f"{impl} ({triton_launches} Triton + {aten_launches} aten launches)"
+        _ROW_NAMES[impl, pass_, sizes] = name
+    return _ROW_NAMES[impl, pass_, sizes]
+
+
+@pytest.mark.parametrize("impl", list(INFO_NCE_IMPLS))
+@pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
+@pytest.mark.parametrize("sizes", ["host", "moco"])
+def test_info_nce_host(benchmark, stubbed_launches, report_row, env_info, sizes, pass_, impl):
+    if sizes == "moco" and impl != "fastmoco":
+        pytest.skip("Algorithm 1 at MoCo's sizes on the CPU times a matmul, not host work")
+    N, K, C = HOST_SIZES if sizes == "host" else MOCO_SIZES
+    fn = _info_nce_call(impl, pass_, sizes)
+    name = _row_name(impl, pass_, sizes, stubbed_launches)
+    if sizes == "host":
+        group = f"host, launch stubbed: info_nce {pass_}, N={N} K={K} C={C} fp32 ({DEVICE})"
+        baseline = _row_name("Algorithm 1", pass_, sizes, stubbed_launches)
+    else:
+        group = f"info_nce {pass_} N={N} K={K} C={C} fp32 ({DEVICE}, with the arithmetic)"
+        baseline = None
+    _time(benchmark, fn, group, name, report_row, env_info, baseline)
+    if pass_ == "forward+backward":
+        q = _info_nce_inputs(N, K, C)[0]
         assert q.grad is not None and q.grad.shape == q.shape  # backward did run

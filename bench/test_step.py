@@ -1,5 +1,5 @@
 """The whole training step, end to end: fastmoco's step object against the official
-main_moco.py step, images/s and peak memory (fastmoco/engine/step_bench.py says what each
+main_moco.py step, images/s and peak memory (fastmoco/experiments/step_bench.py says what each
 row is and how it is timed). `fastmoco bench` is the same measurement from the CLI.
 
 Run: pytest bench/test_step.py -s (the table is printed; FASTMOCO_STEP_MD=file.md also
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmoco.engine.step_bench import CPU_K, CPU_SIZES, GPU_K, GPU_SIZES, bench_size, markdown
+from fastmoco.experiments.step_bench import CPU_K, CPU_SIZES, GPU_K, GPU_SIZES, bench_size, markdown
 
 CUDA = torch.cuda.is_available()
 _ROWS: list[dict] = []
