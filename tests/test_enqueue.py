@@ -302,14 +302,7 @@ def test_extension_op_under_torch_compile(call):
         else:
             enqueue_(queue, ptr, keys * 2, backend="cuda")
 
-    queue, ptr = torch.zeros(7, 3), torch.tensor([5])
-    want, want_ptr = torch.zeros(7, 3), torch.tensor([5])
-    for B in (4, 7, 2):
-        keys = torch.randn(B, 3)
-        step(queue, ptr, keys)
-        enqueue_reference(want, want_ptr, keys * 2)
-        assert_equal(queue, want, f"compiled, B={B}")
-        assert_equal(ptr, want_ptr, f"compiled ptr, B={B}")
+    _check_compiled_enqueues(step)
 
 
 @needs_ext
@@ -358,14 +351,8 @@ def test_torch_path_under_torch_compile():
     def step(queue, ptr, keys):
         enqueue_(queue, ptr, keys * 2, backend="torch")
 
-    queue, ptr = torch.zeros(7, 3), torch.tensor([5])
-    want, want_ptr = torch.zeros(7, 3), torch.tensor([5])
-    for B in (4, 7, 2):
-        keys = torch.randn(B, 3)
-        step(queue, ptr, keys)
-        enqueue_reference(want, want_ptr, keys * 2)
-        assert_equal(queue, want, f"compiled, B={B}")
-        assert_equal(ptr, want_ptr, f"compiled ptr, B={B}")
+    queue = _check_compiled_enqueues(step)
+    want = queue.clone()  # equal to the reference (checked above)
     with pytest.raises(RuntimeError, match=r"ptr is outside \[0, K\) = \[0, 7\)"):
         step(queue, torch.tensor([7]), torch.randn(2, 3))
     assert_equal(queue, want, "queue after the refused call")
@@ -458,3 +445,17 @@ def test_the_install_built_the_extension():
         "fastmoco._C is missing: reinstall with "
         'pip install --no-build-isolation -e ".[dev]" and read the compiler errors'
     )
+
+
+def _check_compiled_enqueues(step) -> torch.Tensor:
+    """step(queue, ptr, keys) enqueues keys * 2: three batches that wrap a K=7 queue, each
+    equal to the reference; returns the queue."""
+    queue, ptr = torch.zeros(7, 3), torch.tensor([5])
+    want, want_ptr = torch.zeros(7, 3), torch.tensor([5])
+    for B in (4, 7, 2):
+        keys = torch.randn(B, 3)
+        step(queue, ptr, keys)
+        enqueue_reference(want, want_ptr, keys * 2)
+        assert_equal(queue, want, f"compiled, B={B}")
+        assert_equal(ptr, want_ptr, f"compiled ptr, B={B}")
+    return queue
